@@ -1,0 +1,1274 @@
+"""Pool: the kernel side that starts, feeds and heals the worker processes.
+
+The dispatcher runs on its own daemon thread under ``anyio.run`` and owns all pool
+state; callers (the kernel's thread, other threads, event-loop code) only hand it
+commands through an inbox and wait on ``concurrent.futures`` futures, so the kernel
+never blocks on the pool. ``run`` is the blocking facade over ``submit``.
+
+What the pool promises (DESIGN.md):
+
+- All workers start at once: the template process (see :mod:`dspool_jupyter.worker`)
+  imports the preloads once and forks every worker; one ``WorkerReady`` event per worker.
+- Calls that arrive before any worker is ready queue and run when one is.
+- Anonymous calls go to any idle worker. A session's calls go, in order, to the session's
+  worker (the first worker that served it); when that worker dies the session moves to
+  a live worker.
+- A worker that dies fails only the call it was running, with :class:`WorkerCrashed`
+  carrying the exit code or signal, and is replaced at once.
+- A call past its timeout fails with :class:`CallTimeout`; its worker is killed and
+  replaced. The timeout counts the time the call runs on its worker, not the time it
+  waited in the queue. Replies are matched by call id, so a late reply never reaches
+  another caller.
+- ``CallFuture.cancel()`` (and a kernel interrupt during ``run``) cancels a queued call,
+  or interrupts a running one with SIGINT (its worker survives); a program that ignores
+  the interrupt for ``CANCEL_GRACE`` seconds has its worker killed and replaced.
+- Outcomes: a value, ``ProgramError``, ``WorkerCrashed``, ``CallTimeout``,
+  ``ProgramNotFound``, ``CallCancelled`` or ``PoolClosed``. Nothing hangs.
+- Anything a program prints is captured and shown by ``run`` in the caller's output
+  (``future.stdout`` / ``future.stderr`` for ``submit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import cloudpickle
+
+from . import protocol
+from .errors import (
+    CallCancelled,
+    CallTimeout,
+    DspoolError,
+    PoolClosed,
+    PoolStartTimeout,
+    ProgramError,
+    ProgramNotFound,
+    UnknownWorker,
+    UnpicklableArguments,
+    WorkerCrashed,
+)
+from .events import (
+    CallFailed,
+    CallFinished,
+    CallStarted,
+    Event,
+    EventBus,
+    PoolClosedEvent,
+    PoolReady,
+    ProgramDefined,
+    ProgramDeleted,
+    WorkerDied,
+    WorkerReady,
+    WorkerReplaced,
+    WorkerStarting,
+)
+from .status import FailedCall, PoolStatus, WorkerStatus
+from .store import ProgramStore
+
+__all__ = [
+    "CANCEL_GRACE",
+    "DEFAULT_MAX_RESULT_BYTES",
+    "HEARTBEAT_INTERVAL",
+    "CallFuture",
+    "Pool",
+    "current_pool",
+    "on_current_pool_changed",
+]
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats
+SUPERVISE_INTERVAL = 0.02  # seconds between checks of deadlines (timeouts, cancels)
+CANCEL_GRACE = 2.0  # seconds a program gets to stop after SIGINT before its worker is killed
+EXIT_STATUS_WAIT = 0.5  # seconds to wait for a dead worker's exit code before reporting
+CLOSE_TIMEOUT = 5.0  # seconds close() waits for the template to stop its workers
+DEFAULT_MAX_RESULT_BYTES = 1 << 30  # a larger pickled result is an error, not a transfer
+RECENT_FAILURES = 50  # failed calls kept for status()
+READ_CHUNK = 1 << 20  # bytes read from a worker socket at once
+OWNER_ENV = "DSPOOL_POOL_TOKEN"  # set in every pool process's environment (leak checks)
+
+
+class CallFuture(concurrent.futures.Future[Any]):
+    """A ``concurrent.futures.Future`` for one pool call.
+
+    ``cancel()`` also works while the call runs: the worker is interrupted. After the
+    call, ``stdout`` and ``stderr`` hold what the program printed and ``worker_id`` the
+    worker that ran it.
+    """
+
+    def __init__(self, pool: Pool, program: str) -> None:
+        super().__init__()
+        self.program = program
+        self.stdout = ""
+        self.stderr = ""
+        self.worker_id: str | None = None
+        self._pool_ref = weakref.ref(pool)
+        self._call: _Call | None = None
+
+    def running(self) -> bool:
+        return self.worker_id is not None and not self.done()
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        pool = self._pool_ref()
+        if cancelled and pool is not None and self._call is not None:
+            pool._post(("cancel", self._call))
+        return cancelled
+
+
+@dataclass(eq=False)
+class _Call:
+    id: int
+    program: str
+    program_id: str
+    session: str | None
+    blob: bytes
+    future: CallFuture
+    timeout: float | None
+    worker: _Worker | None = None
+    started: float = 0.0
+    deadline: float | None = None
+    cancel_deadline: float | None = None
+
+
+@dataclass(eq=False)
+class _Worker:
+    id: str
+    sock: socket.socket
+    started_at: float
+    start_mono: float
+    pid: int | None = None
+    state: str = "starting"  # starting | idle | busy | stopping | dead
+    calls: int = 0
+    errors: int = 0
+    rss: int | None = None
+    last_heartbeat: float | None = None
+    call: _Call | None = None
+    queue: collections.deque[_Call] = field(default_factory=collections.deque)
+    reader: protocol.FrameReader = field(default_factory=protocol.FrameReader)
+    kill_reason: str | None = None
+    returncode: int | None = None
+    exited: bool = False
+    lost_call: _Call | None = None
+    lost_at: float = 0.0
+    template: _Template | None = None
+    replace: bool = True
+
+
+@dataclass(eq=False)
+class _Template:
+    process: subprocess.Popen[bytes]
+    control: socket.socket
+    started: float
+    ready: bool = False
+    stopping: bool = False
+
+
+# -------------------------------------------------------------- current pool registry
+
+_open_pools: list[weakref.ref[Pool]] = []
+_pool_listeners: list[Callable[[Pool | None], None]] = []
+_registry_lock = threading.Lock()
+
+
+def current_pool() -> Pool | None:
+    """The most recently started pool of this process that is not closed, or None."""
+    with _registry_lock:
+        for ref in reversed(_open_pools):
+            pool = ref()
+            if pool is not None and not pool.closed:
+                return pool
+    return None
+
+
+def on_current_pool_changed(callback: Callable[[Pool | None], None]) -> Callable[[], None]:
+    """Call ``callback(current_pool())`` whenever a pool starts or closes; returns unsubscribe."""
+    with _registry_lock:
+        _pool_listeners.append(callback)
+
+    def unsubscribe() -> None:
+        with _registry_lock:
+            if callback in _pool_listeners:
+                _pool_listeners.remove(callback)
+
+    return unsubscribe
+
+
+def _registry_changed() -> None:
+    current = current_pool()
+    with _registry_lock:
+        listeners = list(_pool_listeners)
+    for callback in listeners:
+        try:
+            callback(current)
+        except Exception:
+            log.exception("dspool current-pool listener failed")
+
+
+@atexit.register
+def _close_all_pools() -> None:
+    with _registry_lock:
+        pools = [ref() for ref in _open_pools]
+    for pool in pools:
+        if pool is not None:
+            pool.close()
+
+
+# ------------------------------------------------------------------------------ Pool
+
+
+class Pool:
+    """A self-healing pool of worker processes running programs from a shared store.
+
+    ``workers``: how many processes (default: the CPU count). ``store``: a directory, a
+    :class:`ProgramStore`, or None for the per-user default. ``preload``: modules the
+    template imports once so every worker starts with them. ``call_timeout``: default
+    per-call timeout in seconds (None: no limit). ``max_result_bytes``: the largest
+    pickled result a call may return. The pool starts at once; ``wait_ready`` blocks
+    until every worker is ready (calls made before then queue).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        store: str | os.PathLike[str] | ProgramStore | None = None,
+        preload: Iterable[str] = (),
+        call_timeout: float | None = None,
+        *,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+    ) -> None:
+        target = (os.cpu_count() or 1) if workers is None else workers
+        if not isinstance(target, int) or isinstance(target, bool) or target < 1:
+            raise ValueError(f"workers must be a positive whole number, got {workers!r}")
+        if call_timeout is not None and not call_timeout > 0:
+            raise ValueError(
+                f"call_timeout must be a positive number of seconds, got {call_timeout!r}"
+            )
+        if isinstance(preload, str):
+            preload = [p for p in preload.split(",") if p]
+        self.preload = [str(p).strip() for p in preload]
+        for name in self.preload:
+            if not name or not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"preload entry {name!r} is not a module name")
+        self.store = store if isinstance(store, ProgramStore) else ProgramStore(store)
+        self.target = target
+        self.call_timeout = call_timeout
+        self.max_result_bytes = max_result_bytes
+        self.heartbeat_interval = heartbeat_interval
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+        self._bus = EventBus()
+        self._ids = itertools.count(1)
+        self._worker_numbers = itertools.count(1)
+        self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_pending = False
+        self._closed = False
+        self._closing = False
+        self._ready_cond = threading.Condition()
+
+        # Dispatcher state: touched only on the dispatcher thread (status() only reads).
+        self._workers: dict[str, _Worker] = {}
+        self._idle: collections.deque[_Worker] = collections.deque()
+        self._queue: collections.deque[_Call] = collections.deque()
+        self._homes: dict[str, _Worker] = {}
+        self._template: _Template | None = None
+        self._template_failures = 0
+        self._startup_failures = 0
+        self._dying: dict[str, _Worker] = {}
+        self._ready_count = 0
+        self._ever_ready = False
+        self._ready_announced = False
+        self._started_at = time.time()
+        self._start_mono = time.monotonic()
+        self._startup_seconds: float | None = None
+        self._calls_done = 0
+        self._calls_failed = 0
+        self._replaced = 0
+        self._last_error: str | None = None
+        self._failures: collections.deque[FailedCall] = collections.deque(maxlen=RECENT_FAILURES)
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._loop_error: BaseException | None = None
+
+        self._thread = threading.Thread(target=self._thread_main, name="dspool-pool", daemon=True)
+        self._thread.start()
+        with _registry_lock:
+            _open_pools.append(weakref.ref(self))
+        _registry_changed()
+
+    # ------------------------------------------------------------------ public API
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._ready_count}/{self.target} ready"
+        return f"<Pool {state} store={str(self.store.directory)!r}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._closing
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Receive every pool event (see :mod:`dspool_jupyter.events`); returns unsubscribe."""
+        return self._bus.subscribe(callback)
+
+    def wait_ready(self, timeout: float | None = 30) -> None:
+        """Block until all workers are ready; :class:`PoolStartTimeout` after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._ready_cond:
+            while self._ready_count < self.target:
+                if self._closed or self._closing:
+                    raise PoolClosed()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise PoolStartTimeout(
+                        self._ready_count, self.target, timeout or 0, self._last_error
+                    )
+                self._ready_cond.wait(0.1 if remaining is None else min(remaining, 0.1))
+
+    def define(
+        self,
+        name: str,
+        program: str | Callable[..., Any],
+        entry: str | None = None,
+        session: str | None = None,
+    ) -> str:
+        """Store ``program`` (source text or a callable) as ``name``; returns its id.
+
+        Every worker sees it at once (the store is shared). Source is checked here:
+        a syntax error or a missing entry raises :class:`InvalidProgram`.
+        """
+        spec = self.store.put(name, program, entry=entry, session=session)
+        if self._bus.active:
+            self._bus.emit(ProgramDefined(name=name, program_id=spec.id, session=session))
+        return spec.id
+
+    def delete(self, name: str, session: str | None = None) -> bool:
+        """Delete ``name`` for every worker; False when it did not exist."""
+        deleted = self.store.delete(name, session)
+        if deleted and self._bus.active:
+            self._bus.emit(ProgramDeleted(name=name, session=session))
+        return deleted
+
+    def programs(self, session: str | None = None) -> list[str]:
+        """Names of the programs a call in ``session`` (or anonymous) can run."""
+        return self.store.names(session)
+
+    def end_session(self, session: str) -> int:
+        """Forget ``session``: delete its programs and free its worker affinity."""
+        removed = self.store.clear_session(session)
+        if not self.closed:
+            self._post(("end_session", session))
+        return removed
+
+    def submit(
+        self,
+        program: str,
+        *args: Any,
+        session: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> CallFuture:
+        """Queue one call; returns a :class:`CallFuture` at once.
+
+        Problems with this one call (unknown program, arguments that cannot be pickled)
+        are set on the future, so ``map``-style code collects them per item.
+        """
+        if self.closed:
+            raise PoolClosed()
+        future = CallFuture(self, program)
+        try:
+            program_id = self.store.resolve(program, session)
+        except ProgramNotFound as exc:
+            future.set_exception(exc)
+            return future
+        try:
+            blob = cloudpickle.dumps((args, kwargs))
+        except Exception as exc:
+            future.set_exception(UnpicklableArguments(program, f"{type(exc).__name__}: {exc}"))
+            return future
+        if timeout is None:
+            timeout = self.call_timeout
+        elif not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        call = _Call(next(self._ids), program, program_id, session, blob, future, timeout)
+        future._call = call
+        self._post(("call", call))
+        if self._closed and not future.done():  # lost a race with close()
+            future.set_exception(PoolClosed())
+        return future
+
+    def run(
+        self,
+        program: str,
+        *args: Any,
+        session: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run one call and return its value (or raise its error).
+
+        What the program printed is written to this process's stdout/stderr. A
+        KeyboardInterrupt while waiting (the kernel's stop button) cancels the call.
+        """
+        future = self.submit(program, *args, session=session, timeout=timeout, **kwargs)
+        try:
+            concurrent.futures.wait([future])
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+        _echo_output(future)
+        return future.result()
+
+    async def arun(
+        self,
+        program: str,
+        *args: Any,
+        session: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``run`` for async code (top-level ``await`` in a notebook); cancellable."""
+        future = self.submit(program, *args, session=session, timeout=timeout, **kwargs)
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException:
+            pass
+        _echo_output(future)
+        return future.result()
+
+    def status(self) -> PoolStatus:
+        """A snapshot of the pool (safe from any thread; see :mod:`dspool_jupyter.status`)."""
+        workers = tuple(
+            WorkerStatus(
+                id=w.id,
+                pid=w.pid,
+                state=w.state,
+                calls=w.calls,
+                errors=w.errors,
+                rss_bytes=w.rss,
+                last_heartbeat=w.last_heartbeat,
+                started_at=w.started_at,
+                program=w.call.program if w.call is not None else None,
+            )
+            for w in list(self._workers.values())
+            if w.state != "dead"
+        )
+        if self._closed:
+            state = "closed"
+        elif self._ready_count >= self.target:
+            state = "healthy"
+        elif self._ever_ready:
+            state = "degraded"
+        else:
+            state = "starting"
+        running = sum(1 for w in workers if w.program is not None)
+        queued = len(self._queue) + sum(len(w.queue) for w in list(self._workers.values()))
+        return PoolStatus(
+            state=state,
+            target=self.target,
+            ready_count=self._ready_count,
+            workers=workers,
+            queued=queued,
+            running=running,
+            calls=self._calls_done,
+            failed=self._calls_failed,
+            replaced=self._replaced,
+            started_at=self._started_at,
+            startup_seconds=self._startup_seconds,
+            last_error=self._last_error,
+            recent_failures=tuple(self._failures),
+        )
+
+    def restart_worker(self, worker_id: str) -> None:
+        """Kill ``worker_id`` and start a replacement; its running call gets WorkerCrashed."""
+        if self.closed:
+            raise PoolClosed()
+        worker = self._workers.get(worker_id)
+        if worker is None or worker.state == "dead":
+            known = ", ".join(w.id for w in self.status().workers) or "none"
+            raise UnknownWorker(worker_id, known)
+        self._post(("restart_worker", worker_id))
+
+    def restart(self) -> None:
+        """Replace every worker and the template (re-importing the preloads).
+
+        Queued calls wait for the new workers; running calls fail with WorkerCrashed.
+        """
+        if self.closed:
+            raise PoolClosed()
+        self._post(("restart",))
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Stop every worker and the template; pending calls fail with PoolClosed.
+
+        Idempotent, and safe to call from any thread (from the dispatcher's own thread,
+        e.g. an event callback, it only starts the shutdown).
+        """
+        if self._closed:
+            return
+        self._closing = True
+        self._post(("close",))
+        if threading.current_thread() is self._thread:
+            return
+        self._thread.join(timeout + 2.0)
+        if self._thread.is_alive():  # the dispatcher is stuck: make sure nothing survives
+            template = self._template
+            if template is not None:
+                _kill_process_group(template.process)
+        self._closed = True
+        with _registry_lock:
+            _open_pools[:] = [r for r in _open_pools if r() not in (None, self)]
+        _registry_changed()
+
+    # ------------------------------------------------------- cross-thread commands
+    def _post(self, command: tuple[Any, ...]) -> None:
+        self._inbox.append(command)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # a wake-up byte is already pending, or the pool is gone
+
+    # ------------------------------------------------------------ dispatcher thread
+    def _thread_main(self) -> None:
+        try:
+            anyio.run(self._main, backend="asyncio")
+        except BaseException as exc:  # the pool must never take the kernel down
+            self._loop_error = exc
+            log.exception("dspool pool dispatcher stopped")
+            self._fail_everything(DspoolError(f"the pool's dispatcher failed: {exc!r}"))
+        finally:
+            self._closed = True
+            self._closing = True
+            with self._ready_cond:
+                self._ready_cond.notify_all()
+            for sock in (self._wake_r, self._wake_w):
+                sock.close()
+
+    async def _main(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self._start_template()
+            for _ in range(self.target):
+                self._spawn_worker()
+            tg.start_soon(self._supervise)
+            try:
+                await self._inbox_loop()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._shutdown()
+                tg.cancel_scope.cancel()
+
+    async def _inbox_loop(self) -> None:
+        while True:
+            await anyio.wait_readable(self._wake_r)
+            try:
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+            # Cleared after draining the wake-up bytes and before reading the inbox, so
+            # a command posted at any moment is either read below or sends a new byte.
+            self._wake_pending = False
+            while self._inbox:
+                command = self._inbox.popleft()
+                if command[0] == "close":
+                    return
+                try:
+                    self._handle(command)
+                except Exception:
+                    log.exception("dspool pool failed on %r", command[0])
+
+    def _handle(self, command: tuple[Any, ...]) -> None:
+        op = command[0]
+        if op == "call":
+            self._enqueue(command[1])
+        elif op == "cancel":
+            self._cancel(command[1])
+        elif op == "restart_worker":
+            worker = self._workers.get(command[1])
+            if worker is not None and worker.state != "dead":
+                self._kill(worker, "restart")
+        elif op == "restart":
+            self._restart_all()
+        elif op == "end_session":
+            self._homes.pop(command[1], None)
+
+    # -- template and worker processes
+    def _start_template(self) -> None:
+        pool_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = {
+            "parent_pid": os.getpid(),
+            "store": str(self.store.directory),
+            "anonymous_ttl": self.store.anonymous_ttl,
+            "preload": self.preload,
+            "sys_path": [p for p in sys.path if p],
+            "heartbeat_interval": self.heartbeat_interval,
+            "max_result_bytes": self.max_result_bytes,
+        }
+        env = dict(os.environ)
+        env[OWNER_ENV] = self.token
+        try:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dspool_jupyter.worker",
+                    "--control-fd",
+                    str(child_end.fileno()),
+                    "--config",
+                    json.dumps(config),
+                ],
+                pass_fds=[child_end.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=os.getcwd(),
+                # Its own session: the kernel's interrupt (SIGINT to its process group)
+                # must not reach the workers; cancellation is the pool's job.
+                start_new_session=True,
+            )
+        finally:
+            child_end.close()
+        pool_end.setblocking(False)
+        template = _Template(process=process, control=pool_end, started=time.monotonic())
+        self._template = template
+        assert self._tg is not None
+        self._tg.start_soon(self._control_reader, template)
+
+    async def _control_reader(self, template: _Template) -> None:
+        try:
+            while True:
+                await anyio.wait_readable(template.control)
+                while True:
+                    try:
+                        received = protocol.recv_control(template.control)
+                    except BlockingIOError:
+                        break
+                    except (OSError, protocol.ProtocolError):
+                        received = None
+                    if received is None:
+                        return
+                    message, fds = received
+                    for fd in fds:
+                        os.close(fd)
+                    self._on_control(template, message)
+        except (anyio.ClosedResourceError, OSError):
+            return
+        finally:
+            self._on_template_lost(template)
+
+    def _on_control(self, template: _Template, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "ready":
+            template.ready = True
+            self._template_failures = 0
+            errors = message.get("preload_errors") or []
+            if errors:
+                self._last_error = "; ".join(errors)
+                log.warning("dspool: %s", self._last_error)
+        elif op == "spawned":
+            worker = self._workers.get(message["worker_id"])
+            if worker is not None and worker.pid is None:
+                worker.pid = int(message["pid"])
+        elif op == "exited":
+            worker_id = message["worker_id"]
+            worker = self._dying.get(worker_id) or self._workers.get(worker_id)
+            if worker is not None:
+                worker.returncode = int(message["returncode"])
+                worker.exited = True
+                if worker.state == "dead":
+                    self._finish_lost(worker)
+
+    def _on_template_lost(self, template: _Template) -> None:
+        anyio.notify_closing(template.control)
+        template.control.close()
+        try:
+            template.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            _kill_process_group(template.process)
+        if self._template is not template:
+            return
+        self._template = None
+        if self._closing:
+            return
+        # Its workers die with it (parent-death signal); their readers replace them.
+        self._template_failures += 1
+        if not template.ready:
+            self._last_error = (
+                f"the worker template exited during start-up "
+                f"(code {template.process.returncode}); see the kernel's log"
+            )
+        log.warning(
+            "dspool: worker template exited (code %s); restarting", template.process.returncode
+        )
+        # Workers already asked for (and not yet forked) must be asked again.
+        for worker in list(self._workers.values()):
+            if worker.state == "starting" and worker.template is template:
+                self._kill(worker, "crashed")
+        failures = self._template_failures
+        delay = 0.0 if failures <= 1 else min(5.0, 0.25 * 2 ** (failures - 2))
+        assert self._tg is not None
+        self._tg.start_soon(self._restart_template_later, delay)
+
+    async def _restart_template_later(self, delay: float) -> None:
+        if delay:
+            await anyio.sleep(delay)
+        if self._closing or self._template is not None:
+            return
+        self._start_template()
+        for _ in range(self._workers_wanted()):
+            self._spawn_worker()
+
+    def _workers_wanted(self) -> int:
+        return self.target - sum(1 for w in self._workers.values() if w.state != "dead")
+
+    def _spawn_worker(self, replacing: str | None = None) -> _Worker | None:
+        if self._closing:
+            return None
+        template = self._template
+        if template is None:
+            return None  # the template is restarting; it spawns what is missing
+        number = next(self._worker_numbers)
+        pool_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        worker = _Worker(
+            id=f"w{number}", sock=pool_end, started_at=time.time(), start_mono=time.monotonic()
+        )
+        worker.template = template
+        try:
+            protocol.send_control(
+                template.control, {"op": "spawn", "worker_id": worker.id}, [worker_end.fileno()]
+            )
+        except OSError as exc:
+            log.warning("dspool: could not ask the template for a worker: %s", exc)
+            pool_end.close()
+            return None
+        finally:
+            worker_end.close()
+        pool_end.setblocking(False)
+        self._workers[worker.id] = worker
+        if replacing is not None:
+            self._replaced += 1
+            if self._bus.active:
+                self._bus.emit(WorkerReplaced(old_worker_id=replacing, new_worker_id=worker.id))
+        if self._bus.active:
+            self._bus.emit(
+                WorkerStarting(worker_id=worker.id, ready=self._ready_count, target=self.target)
+            )
+        assert self._tg is not None
+        self._tg.start_soon(self._worker_reader, worker)
+        return worker
+
+    async def _worker_reader(self, worker: _Worker) -> None:
+        sock = worker.sock
+        try:
+            while True:
+                await anyio.wait_readable(sock)
+                try:
+                    data = sock.recv(READ_CHUNK)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    return
+                for kind, meta, blob in worker.reader.feed(data):
+                    self._on_frame(worker, kind, meta, blob)
+        except (anyio.ClosedResourceError, OSError):
+            return
+        except protocol.ProtocolError as exc:
+            self._last_error = f"worker {worker.id} broke the protocol: {exc}"
+            self._kill(worker, "crashed")
+        finally:
+            self._on_worker_lost(worker)
+
+    def _on_frame(self, worker: _Worker, kind: int, meta: tuple[Any, ...], blob: bytes) -> None:
+        if kind == protocol.RESULT or kind == protocol.ERROR:
+            self._on_reply(worker, kind, meta, blob)
+        elif kind == protocol.HEARTBEAT:
+            worker.rss = meta[0]
+            worker.last_heartbeat = time.time()
+        elif kind == protocol.HELLO:
+            self._on_hello(worker, int(meta[1]))
+        elif kind == protocol.FATAL:
+            self._last_error = f"worker {worker.id} could not start: {meta[0]}"
+            log.warning("dspool: %s", self._last_error)
+        else:
+            raise protocol.ProtocolError(f"unexpected frame kind {kind}")
+
+    def _on_hello(self, worker: _Worker, pid: int) -> None:
+        if worker.state != "starting":
+            return
+        worker.pid = pid
+        worker.state = "idle"
+        worker.last_heartbeat = time.time()
+        self._startup_failures = 0
+        self._ever_ready = True
+        with self._ready_cond:
+            self._ready_count += 1
+            self._ready_cond.notify_all()
+        startup = time.monotonic() - worker.start_mono
+        if self._bus.active:
+            self._bus.emit(
+                WorkerReady(
+                    worker_id=worker.id,
+                    pid=pid,
+                    ready=self._ready_count,
+                    target=self.target,
+                    startup_seconds=startup,
+                )
+            )
+        if self._ready_count >= self.target and not self._ready_announced:
+            self._ready_announced = True
+            self._startup_seconds = time.monotonic() - self._start_mono
+            if self._bus.active:
+                self._bus.emit(PoolReady(target=self.target, startup_seconds=self._startup_seconds))
+        self._worker_free(worker)
+
+    # -- dispatch
+    def _enqueue(self, call: _Call) -> None:
+        if call.future.done():
+            return
+        if self._closing:
+            self._fail(call, PoolClosed())
+            return
+        if call.session is not None:
+            home = self._homes.get(call.session)
+            if home is not None and home.state != "dead":
+                if home.state == "idle" and not home.queue:
+                    self._start_call(home, call)
+                else:
+                    home.queue.append(call)
+                return
+        worker = self._pop_idle()
+        if worker is None:
+            self._queue.append(call)
+            return
+        if call.session is not None:
+            self._homes[call.session] = worker
+        self._start_call(worker, call)
+
+    def _pop_idle(self) -> _Worker | None:
+        while self._idle:
+            worker = self._idle.popleft()
+            if worker.state == "idle" and not worker.queue:
+                return worker
+        return None
+
+    def _next_call(self, worker: _Worker) -> _Call | None:
+        while worker.queue:
+            call = worker.queue.popleft()
+            if not call.future.done():
+                return call
+        queue = self._queue
+        while queue:
+            call = queue.popleft()
+            if call.future.done():
+                continue
+            if call.session is not None:
+                home = self._homes.get(call.session)
+                if home is None or home.state == "dead":
+                    self._homes[call.session] = worker
+                elif home is not worker:
+                    home.queue.append(call)
+                    if home.state == "idle":
+                        self._worker_free(home)
+                    continue
+            return call
+        return None
+
+    def _worker_free(self, worker: _Worker) -> None:
+        """``worker`` just became idle: give it the next call or mark it idle."""
+        worker.call = None
+        if worker.state == "stopping":
+            return  # being killed: it gets nothing more
+        worker.state = "idle"
+        call = self._next_call(worker)
+        if call is None:
+            self._idle.append(worker)
+        else:
+            self._start_call(worker, call)
+
+    def _start_call(self, worker: _Worker, call: _Call) -> None:
+        call.worker = worker
+        call.started = time.monotonic()
+        call.deadline = call.started + call.timeout if call.timeout is not None else None
+        call.future.worker_id = worker.id
+        worker.call = call
+        worker.state = "busy"
+        frame = protocol.encode_frame(
+            protocol.CALL, (call.id, call.program_id, call.program), call.blob
+        )
+        call.blob = b""  # sent; free the arguments
+        if self._bus.active:
+            self._bus.emit(
+                CallStarted(
+                    call_id=call.id, program=call.program, worker_id=worker.id, session=call.session
+                )
+            )
+        try:
+            sent = worker.sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the reader sees the worker die and fails the call
+        if sent < len(frame):
+            assert self._tg is not None
+            self._tg.start_soon(self._send_rest, worker, memoryview(frame)[sent:])
+
+    async def _send_rest(self, worker: _Worker, rest: memoryview) -> None:
+        try:
+            while rest:
+                await anyio.wait_writable(worker.sock)
+                try:
+                    rest = rest[worker.sock.send(rest) :]
+                except BlockingIOError:
+                    continue
+        except (anyio.ClosedResourceError, OSError):
+            return
+
+    def _on_reply(self, worker: _Worker, kind: int, meta: tuple[Any, ...], blob: bytes) -> None:
+        call = worker.call
+        if call is None or call.id != meta[0]:
+            return  # a reply to a call this worker no longer runs: never hand it on
+        future = call.future
+        elapsed = time.monotonic() - call.started
+        if kind == protocol.RESULT:
+            worker.calls += 1
+            future.stdout, future.stderr = meta[1], meta[2]
+            try:
+                value = cloudpickle.loads(blob)
+            except Exception as exc:
+                error: BaseException | None = ProgramError(
+                    call.program,
+                    worker.id,
+                    type(exc).__name__,
+                    f"the result could not be unpickled in the kernel: {exc}",
+                    "",
+                    phase="result",
+                )
+            else:
+                error = None
+                self._calls_done += 1
+                if not future.done():
+                    future.set_result(value)
+                if self._bus.active:
+                    self._bus.emit(
+                        CallFinished(
+                            call_id=call.id,
+                            program=call.program,
+                            worker_id=worker.id,
+                            seconds=elapsed,
+                        )
+                    )
+        else:
+            info = meta[1]
+            future.stdout, future.stderr = meta[2], meta[3]
+            phase = info["phase"]
+            if phase == "not_found":
+                error = ProgramNotFound(call.program, call.session)
+            elif phase == "cancelled":
+                error = CallCancelled(call.program, worker.id)
+            else:
+                worker.calls += 1
+                worker.errors += 1
+                remote = None
+                if blob:
+                    try:
+                        remote = cloudpickle.loads(blob)
+                    except Exception:
+                        remote = None
+                error = ProgramError(
+                    call.program,
+                    worker.id,
+                    info["type"],
+                    info["message"],
+                    info["traceback"],
+                    remote if isinstance(remote, BaseException) else None,
+                    phase=phase,
+                )
+        if error is not None:
+            self._fail(call, error, worker.id)
+        self._worker_free(worker)
+
+    def _fail(self, call: _Call, error: BaseException, worker_id: str | None = None) -> None:
+        if call.future.done():
+            return
+        call.future.set_exception(error)
+        self._calls_failed += 1
+        traceback_text = error.remote_traceback if isinstance(error, ProgramError) else ""
+        failure = FailedCall(
+            call_id=call.id,
+            program=call.program,
+            worker_id=worker_id,
+            error=type(error).__name__,
+            message=str(error),
+            traceback=traceback_text,
+            time=time.time(),
+        )
+        self._failures.append(failure)
+        if self._bus.active:
+            self._bus.emit(
+                CallFailed(
+                    call_id=call.id,
+                    program=call.program,
+                    worker_id=worker_id,
+                    error=failure.error,
+                    message=failure.message,
+                    traceback=traceback_text,
+                )
+            )
+
+    # -- faults
+    def _cancel(self, call: _Call) -> None:
+        worker = call.worker
+        if worker is None or worker.call is not call or worker.pid is None:
+            return  # still queued: dispatch skips cancelled futures
+        call.cancel_deadline = time.monotonic() + CANCEL_GRACE
+        try:
+            os.kill(worker.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    def _kill(self, worker: _Worker, reason: str) -> None:
+        if worker.kill_reason is None:
+            worker.kill_reason = reason
+        if worker.state in ("idle", "busy"):
+            worker.state = "stopping"
+        if worker.pid is not None:
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            # Not forked yet: closing its socket makes the child exit at once.
+            self._close_worker_socket(worker)
+
+    def _close_worker_socket(self, worker: _Worker) -> None:
+        try:
+            anyio.notify_closing(worker.sock)
+        except Exception:
+            pass
+        worker.sock.close()
+
+    def _on_worker_lost(self, worker: _Worker) -> None:
+        if worker.state == "dead":
+            return
+        was = worker.state
+        worker.state = "dead"
+        if worker.sock.fileno() != -1:
+            self._close_worker_socket(worker)
+        self._workers.pop(worker.id, None)
+        if was != "starting":
+            with self._ready_cond:
+                self._ready_count -= 1
+                self._ready_cond.notify_all()
+        elif not self._closing and worker.kill_reason is None:
+            self._startup_failures += 1
+        call = worker.call
+        worker.call = None
+        reason = worker.kill_reason or "crashed"
+        if call is not None and not call.future.done():
+            if reason == "timeout":
+                pass  # already failed with CallTimeout
+            else:
+                worker.lost_call = call
+        worker.lost_at = time.monotonic()
+        self._dying[worker.id] = worker
+        if worker.exited or worker.pid is None:
+            self._finish_lost(worker)
+        # Sessions homed here move to a live worker; their queued calls go first.
+        for session, home in list(self._homes.items()):
+            if home is worker:
+                del self._homes[session]
+        if worker.queue:
+            self._queue.extendleft(reversed(worker.queue))
+            worker.queue.clear()
+        if not self._closing and worker.replace:
+            if self._startup_failures >= 3:
+                delay = min(5.0, 0.1 * 2 ** (self._startup_failures - 3))
+                assert self._tg is not None
+                self._tg.start_soon(self._spawn_later, delay, worker.id)
+            else:
+                self._spawn_worker(replacing=worker.id)
+        while self._queue:
+            idle = self._pop_idle()
+            if idle is None:
+                break
+            self._worker_free(idle)
+
+    async def _spawn_later(self, delay: float, replacing: str) -> None:
+        await anyio.sleep(delay)
+        if self._workers_wanted() > 0:
+            self._spawn_worker(replacing=replacing)
+
+    def _finish_lost(self, worker: _Worker) -> None:
+        """Report a lost worker once its exit status is known (or waited for long enough)."""
+        if self._dying.pop(worker.id, None) is None:
+            return
+        reason = worker.kill_reason or "crashed"
+        call = worker.lost_call
+        worker.lost_call = None
+        program = call.program if call is not None else None
+        if call is not None:
+            if self._closing:
+                self._fail(call, PoolClosed("the pool was closed while the call ran"), worker.id)
+            elif reason == "cancel":
+                self._fail(call, CallCancelled(call.program, worker.id), worker.id)
+            else:
+                self._fail(
+                    call,
+                    WorkerCrashed(call.program, worker.id, worker.pid, worker.returncode),
+                    worker.id,
+                )
+        if self._bus.active:
+            self._bus.emit(
+                WorkerDied(
+                    worker_id=worker.id,
+                    pid=worker.pid,
+                    reason=reason,
+                    returncode=worker.returncode,
+                    program=program,
+                )
+            )
+
+    async def _supervise(self) -> None:
+        while True:
+            await anyio.sleep(SUPERVISE_INTERVAL)
+            now = time.monotonic()
+            for worker in list(self._workers.values()):
+                call = worker.call
+                if call is None or worker.state not in ("busy", "stopping"):
+                    continue
+                if (
+                    call.deadline is not None
+                    and now >= call.deadline
+                    and call.cancel_deadline is None
+                ):
+                    self._fail(
+                        call, CallTimeout(call.program, worker.id, call.timeout or 0), worker.id
+                    )
+                    self._kill(worker, "timeout")
+                    call.deadline = None
+                elif call.cancel_deadline is not None and now >= call.cancel_deadline:
+                    call.cancel_deadline = None
+                    self._kill(worker, "cancel")
+            for worker in list(self._dying.values()):
+                if now - worker.lost_at >= EXIT_STATUS_WAIT:
+                    self._finish_lost(worker)
+
+    def _restart_all(self) -> None:
+        template = self._template
+        for worker in list(self._workers.values()):
+            if worker.state != "dead":
+                worker.replace = False
+                self._kill(worker, "restart")
+        self._ready_announced = False
+        self._ever_ready = False
+        self._start_mono = time.monotonic()
+        self._started_at = time.time()
+        self._startup_seconds = None
+        if template is not None:
+            template.stopping = True
+            self._template = None
+            try:
+                protocol.send_control(template.control, {"op": "stop"})
+            except OSError:
+                pass
+        self._start_template()
+        for _ in range(self.target):
+            self._spawn_worker()
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        error = PoolClosed("the pool was closed before the call ran")
+        while self._queue:
+            self._fail(self._queue.popleft(), error)
+        for worker in list(self._workers.values()):
+            while worker.queue:
+                self._fail(worker.queue.popleft(), error)
+        template = self._template
+        if template is not None:
+            try:
+                protocol.send_control(template.control, {"op": "stop"})
+            except OSError:
+                pass
+            with anyio.move_on_after(CLOSE_TIMEOUT):
+                while template.process.poll() is None:
+                    await anyio.sleep(0.01)
+            if template.process.poll() is None:
+                _kill_process_group(template.process)
+        for worker in list(self._workers.values()):
+            if worker.call is not None:
+                self._fail(
+                    worker.call, PoolClosed("the pool was closed while the call ran"), worker.id
+                )
+            if worker.sock.fileno() != -1:
+                self._close_worker_socket(worker)
+        for worker in list(self._dying.values()):
+            self._finish_lost(worker)
+        with self._ready_cond:
+            self._ready_count = 0
+            self._ready_cond.notify_all()
+        self._closed = True
+        if self._bus.active:
+            self._bus.emit(PoolClosedEvent())
+
+    def _fail_everything(self, error: BaseException) -> None:
+        calls: list[_Call] = list(self._queue)
+        for worker in list(self._workers.values()):
+            calls.extend(worker.queue)
+            if worker.call is not None:
+                calls.append(worker.call)
+        calls.extend(command[1] for command in list(self._inbox) if command[0] == "call")
+        for call in calls:
+            if not call.future.done():
+                call.future.set_exception(error)
+        template = self._template
+        if template is not None:
+            _kill_process_group(template.process)
+
+
+def _kill_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the template's session (it and every worker it forked)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _echo_output(future: CallFuture) -> None:
+    if future.stdout:
+        sys.stdout.write(future.stdout)
+    if future.stderr:
+        sys.stderr.write(future.stderr)

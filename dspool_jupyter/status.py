@@ -1,0 +1,74 @@
+"""Plain, immutable snapshots of a pool: what the widget, the lab item and tests render.
+
+``pool.status()`` returns a :class:`PoolStatus`; ``to_dict()`` gives the JSON form the
+lab extension receives over the comm. Times are wall-clock seconds since the epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["FailedCall", "PoolStatus", "WorkerStatus"]
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker: ``state`` is 'starting', 'idle' or 'busy'."""
+
+    id: str
+    pid: int | None
+    state: str
+    calls: int
+    errors: int
+    rss_bytes: int | None
+    last_heartbeat: float | None
+    started_at: float
+    program: str | None
+
+
+@dataclass(frozen=True)
+class FailedCall:
+    """A recent failed call: the error's class name, its one-line message and traceback."""
+
+    call_id: int
+    program: str
+    worker_id: str | None
+    error: str
+    message: str
+    traceback: str
+    time: float
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """The pool at one moment.
+
+    ``state`` is 'starting' (fewer than ``target`` workers ready and none has been ready
+    since the start), 'healthy' (all ready), 'degraded' (some place is being refilled) or
+    'closed'. ``ready`` is True when all ``target`` workers are ready.
+    """
+
+    state: str
+    target: int
+    ready_count: int
+    workers: tuple[WorkerStatus, ...]
+    queued: int
+    running: int
+    calls: int
+    failed: int
+    replaced: int
+    started_at: float
+    startup_seconds: float | None
+    last_error: str | None
+    recent_failures: tuple[FailedCall, ...]
+
+    @property
+    def ready(self) -> bool:
+        return self.state != "closed" and self.ready_count >= self.target
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what the lab extension receives)."""
+        data = asdict(self)
+        data["ready"] = self.ready
+        return data
