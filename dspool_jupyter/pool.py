@@ -309,6 +309,8 @@ class Pool:
         self._replaced = 0
         self._last_error: str | None = None
         self._failures: collections.deque[FailedCall] = collections.deque(maxlen=RECENT_FAILURES)
+        self._setups: dict[str, tuple[str, str, bytes]] = {}  # key -> (program id, name, args)
+        self._setup_session = f"_pool.{self.token}"
         self._tg: anyio.abc.TaskGroup | None = None
         self._loop_error: BaseException | None = None
 
@@ -385,6 +387,45 @@ class Pool:
         if not self.closed:
             self._post(("end_session", session))
         return removed
+
+    def set_worker_setup(
+        self,
+        key: str,
+        program: str | Callable[..., Any],
+        *args: Any,
+        entry: str | None = None,
+        timeout: float | None = 60,
+        **kwargs: Any,
+    ) -> None:
+        """Run ``program(*args, **kwargs)`` in every worker, now and in every later worker.
+
+        For per-process configuration that every call relies on (DSPy's LM, a client, a
+        seed). ``key`` names the set-up: setting the same key again replaces it. Blocks
+        until every ready worker has run it; a worker that starts later (a replacement,
+        a restart) runs every set-up before its first call. Raises :class:`ProgramError`
+        if it failed in a worker (the pool and the other workers carry on).
+        """
+        if self.closed:
+            raise PoolClosed()
+        name = f"setup.{key}"
+        if isinstance(program, str) and entry is None:
+            entry = key  # source text: the entry defaults to the set-up's key
+        spec = self.store.put(name, program, entry=entry, session=self._setup_session)
+        try:
+            blob = cloudpickle.dumps((args, kwargs))
+        except Exception as exc:
+            raise UnpicklableArguments(name, f"{type(exc).__name__}: {exc}") from exc
+        applied: concurrent.futures.Future[list[CallFuture]] = concurrent.futures.Future()
+        self._post(("setup", key, (spec.id, name, blob), applied))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for future in applied.result(timeout):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            future.result(remaining)
+
+    def remove_worker_setup(self, key: str) -> None:
+        """Stop running set-up ``key`` in new workers (running workers keep its effect)."""
+        if not self.closed:
+            self._post(("remove_setup", key))
 
     def submit(
         self,
@@ -622,6 +663,26 @@ class Pool:
             self._restart_all()
         elif op == "end_session":
             self._homes.pop(command[1], None)
+        elif op == "setup":
+            _, key, setup, applied = command
+            self._setups[key] = setup
+            futures = []
+            for worker in list(self._workers.values()):
+                if worker.state in ("idle", "busy"):
+                    call = self._setup_call(*setup)
+                    futures.append(call.future)
+                    worker.queue.appendleft(call)
+                    if worker.state == "idle":
+                        self._worker_free(worker)
+            applied.set_result(futures)
+        elif op == "remove_setup":
+            self._setups.pop(command[1], None)
+
+    def _setup_call(self, program_id: str, name: str, blob: bytes) -> _Call:
+        future = CallFuture(self, name)
+        call = _Call(next(self._ids), name, program_id, None, blob, future, None)
+        future._call = call
+        return call
 
     # -- template and worker processes
     def _start_template(self) -> None:
@@ -849,6 +910,9 @@ class Pool:
             self._startup_seconds = time.monotonic() - self._start_mono
             if self._bus.active:
                 self._bus.emit(PoolReady(target=self.target, startup_seconds=self._startup_seconds))
+        # Worker set-ups (e.g. the LM configuration) run before anything else it serves.
+        setups = [self._setup_call(*setup) for setup in self._setups.values()]
+        worker.queue.extendleft(reversed(setups))
         self._worker_free(worker)
 
     # -- dispatch
@@ -1233,6 +1297,10 @@ class Pool:
                 self._close_worker_socket(worker)
         for worker in list(self._dying.values()):
             self._finish_lost(worker)
+        try:
+            self.store.clear_session(self._setup_session)
+        except DspoolError:
+            log.warning("dspool: could not remove this pool's set-ups from the store")
         with self._ready_cond:
             self._ready_count = 0
             self._ready_cond.notify_all()

@@ -480,3 +480,34 @@ def test_wait_ready_times_out_clearly(make_pool: MakePool) -> None:
     with pytest.raises(PoolStartTimeout, match="0 of 1 workers ready after 0.2 s"):
         pool.wait_ready(0.2)
     pool.wait_ready(30)
+
+
+SETUP = "import builtins\ndef configure(value):\n    builtins._dspool_setting = value\n"
+READ = "import builtins\ndef read():\n    return getattr(builtins, '_dspool_setting', None)\n"
+
+
+def test_worker_setup_reaches_every_worker_and_replacements(pool: Pool) -> None:
+    pool.define("read", READ)
+    pool.define("sleepy", SLEEPY)
+    busy = pool.submit("sleepy", 0.3)  # a busy worker gets it after its call
+    pool.set_worker_setup("setting", SETUP, "first", entry="configure")
+    assert busy.result(10)[0] is None
+    futures = [pool.submit("read") for _ in range(20)]
+    assert {f.result(10) for f in futures} == {"first"}
+    assert len({f.worker_id for f in futures}) == 2
+    pool.set_worker_setup("setting", SETUP, "second", entry="configure")  # replaces it
+    for worker in pool.status().workers:
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+    wait_for(lambda: pool.status().replaced == 2)
+    pool.wait_ready(10)
+    futures = [pool.submit("read") for _ in range(20)]
+    assert {f.result(10) for f in futures} == {"second"}
+
+
+def test_failing_worker_setup_is_a_clear_error(pool: Pool) -> None:
+    pool.define("read", READ)
+    with pytest.raises(ProgramError, match="program 'setup.bad' raised.*ValueError: no such model"):
+        pool.set_worker_setup("bad", "def bad():\n    raise ValueError('no such model')\n")
+    assert pool.run("read") is None  # the pool carries on
+    pool.remove_worker_setup("bad")
