@@ -388,6 +388,31 @@ class Pool:
             self._post(("end_session", session))
         return removed
 
+    def define_signature(
+        self,
+        name: str,
+        signature: str,
+        module: str = "Predict",
+        session: str | None = None,
+        **options: Any,
+    ) -> str:
+        """Define a DSPy program from a declarative signature (the ``dspy`` extra).
+
+        ``signature`` is e.g. ``"question -> answer"``; ``module`` is ``Predict`` or
+        ``ChainOfThought``. See :mod:`dspool_jupyter.dspy_programs`.
+        """
+        from . import dspy_programs
+
+        return dspy_programs.define_signature(
+            self, name, signature, module=module, session=session, **options
+        )
+
+    def configure_lm(self, model: str, **kwargs: Any) -> None:
+        """Configure one DSPy LM in every worker, later ones included (the ``dspy`` extra)."""
+        from . import dspy_programs
+
+        dspy_programs.configure_lm(self, model, **kwargs)
+
     def set_worker_setup(
         self,
         key: str,
