@@ -243,8 +243,11 @@ class Pool:
     :class:`ProgramStore`, or None for the per-user default. ``preload``: modules the
     template imports once so every worker starts with them. ``call_timeout``: default
     per-call timeout in seconds (None: no limit). ``max_result_bytes``: the largest
-    pickled result a call may return. The pool starts at once; ``wait_ready`` blocks
-    until every worker is ready (calls made before then queue).
+    pickled result a call may return. ``worker_memory_limit``: bytes of data memory a
+    worker may use (``RLIMIT_DATA``); a program that needs more gets ``MemoryError``,
+    reported as :class:`ProgramError`, instead of the machine's OOM killer. The pool
+    starts at once; ``wait_ready`` blocks until every worker is ready (calls made before
+    then queue).
     """
 
     def __init__(
@@ -256,6 +259,7 @@ class Pool:
         *,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        worker_memory_limit: int | None = None,
     ) -> None:
         target = (os.cpu_count() or 1) if workers is None else workers
         if not isinstance(target, int) or isinstance(target, bool) or target < 1:
@@ -275,6 +279,12 @@ class Pool:
         self.call_timeout = call_timeout
         self.max_result_bytes = max_result_bytes
         self.heartbeat_interval = heartbeat_interval
+        if worker_memory_limit is not None and worker_memory_limit < 64 << 20:
+            raise ValueError(
+                "worker_memory_limit must be at least 64 MiB (in bytes), "
+                f"got {worker_memory_limit!r}"
+            )
+        self.worker_memory_limit = worker_memory_limit
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
         self._bus = EventBus()
@@ -720,6 +730,7 @@ class Pool:
             "sys_path": [p for p in sys.path if p],
             "heartbeat_interval": self.heartbeat_interval,
             "max_result_bytes": self.max_result_bytes,
+            "memory_limit": self.worker_memory_limit,
         }
         env = dict(os.environ)
         env[OWNER_ENV] = self.token

@@ -29,6 +29,7 @@ import io
 import json
 import linecache
 import os
+import resource
 import select
 import signal
 import socket
@@ -286,6 +287,10 @@ def _worker_main(fd: int, worker_id: str, config: dict[str, Any], template_pid: 
         return 0  # the template died before we could ask to die with it
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
+    limit = config.get("memory_limit")
+    if limit:
+        # A program that blows up its memory gets MemoryError (a reply), not the OOM killer.
+        resource.setrlimit(resource.RLIMIT_DATA, (int(limit), int(limit)))
     try:
         worker = _Worker(sock, worker_id, config)
     except Exception as exc:

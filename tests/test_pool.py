@@ -511,3 +511,25 @@ def test_failing_worker_setup_is_a_clear_error(pool: Pool) -> None:
         pool.set_worker_setup("bad", "def bad():\n    raise ValueError('no such model')\n")
     assert pool.run("read") is None  # the pool carries on
     pool.remove_worker_setup("bad")
+
+
+def test_memory_blow_up_is_a_program_error_with_a_limit(make_pool: MakePool) -> None:
+    pool = make_pool(1, worker_memory_limit=512 << 20)
+    pool.define("hog", "def hog():\n    return len(bytearray(4 << 30))\n")
+    pool.define("whoami", WHOAMI)
+    pid = pool.run("whoami")
+    with pytest.raises(ProgramError, match="MemoryError"):
+        pool.run("hog")
+    assert pool.run("whoami") == pid
+    with pytest.raises(ValueError, match="worker_memory_limit must be at least 64 MiB"):
+        Pool(workers=1, store=pool.store, worker_memory_limit=1000)
+
+
+def test_a_corrupt_store_is_a_clear_error(tmp_path: Path) -> None:
+    from dspool_jupyter.errors import StoreError
+
+    path = tmp_path / "corrupt"
+    path.mkdir(mode=0o700)
+    (path / "cache.db").write_bytes(b"not a database" * 1000)
+    with pytest.raises(StoreError, match="cannot open the program store at .*corrupt"):
+        Pool(workers=1, store=path)
