@@ -103,6 +103,7 @@ EXIT_STATUS_WAIT = 0.5  # seconds to wait for a dead worker's exit code before r
 CLOSE_TIMEOUT = 5.0  # seconds close() waits for the template to stop its workers
 DEFAULT_MAX_RESULT_BYTES = 1 << 30  # a larger pickled result is an error, not a transfer
 RECENT_FAILURES = 50  # failed calls kept for status()
+PIPELINE_DEPTH = 2  # calls sent to one worker at once: one runs, one waits in its socket
 READ_CHUNK = 1 << 20  # bytes read from a worker socket at once
 OWNER_ENV = "DSPOOL_POOL_TOKEN"  # set in every pool process's environment (leak checks)
 
@@ -162,7 +163,9 @@ class _Worker:
     errors: int = 0
     rss: int | None = None
     last_heartbeat: float | None = None
-    call: _Call | None = None
+    # Calls sent to the worker, in order: the first runs, the rest wait in its socket.
+    inflight: collections.deque[_Call] = field(default_factory=collections.deque)
+    outbox: collections.deque[memoryview] = field(default_factory=collections.deque)
     queue: collections.deque[_Call] = field(default_factory=collections.deque)
     reader: protocol.FrameReader = field(default_factory=protocol.FrameReader)
     kill_reason: str | None = None
@@ -172,6 +175,12 @@ class _Worker:
     lost_at: float = 0.0
     template: _Template | None = None
     replace: bool = True
+    reading: bool = False
+
+    @property
+    def call(self) -> _Call | None:
+        """The call the worker is running now."""
+        return self.inflight[0] if self.inflight else None
 
 
 @dataclass(eq=False)
@@ -652,37 +661,43 @@ class Pool:
                 sock.close()
 
     async def _main(self) -> None:
+        # The hot sockets (the inbox's wake-up socket, every worker's socket, the
+        # template's) stay registered with the event loop for their whole life and are
+        # served by callbacks: no task switch and no epoll re-registration per call.
+        self._loop = asyncio.get_running_loop()
+        self._stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            self._start_template()
-            for _ in range(self.target):
-                self._spawn_worker()
-            tg.start_soon(self._supervise)
+            self._loop.add_reader(self._wake_r.fileno(), self._on_wake)
             try:
-                await self._inbox_loop()
+                self._start_template()
+                for _ in range(self.target):
+                    self._spawn_worker()
+                tg.start_soon(self._supervise)
+                await self._stop.wait()
             finally:
+                self._loop.remove_reader(self._wake_r.fileno())
                 with anyio.CancelScope(shield=True):
                     await self._shutdown()
                 tg.cancel_scope.cancel()
 
-    async def _inbox_loop(self) -> None:
-        while True:
-            await anyio.wait_readable(self._wake_r)
+    def _on_wake(self) -> None:
+        try:
+            self._wake_r.recv(4096)
+        except BlockingIOError:
+            pass
+        # Cleared after draining the wake-up bytes and before reading the inbox, so a
+        # command posted at any moment is either read below or sends a new byte.
+        self._wake_pending = False
+        while self._inbox and not self._stop.is_set():
+            command = self._inbox.popleft()
+            if command[0] == "close":
+                self._stop.set()
+                return
             try:
-                self._wake_r.recv(4096)
-            except BlockingIOError:
-                pass
-            # Cleared after draining the wake-up bytes and before reading the inbox, so
-            # a command posted at any moment is either read below or sends a new byte.
-            self._wake_pending = False
-            while self._inbox:
-                command = self._inbox.popleft()
-                if command[0] == "close":
-                    return
-                try:
-                    self._handle(command)
-                except Exception:
-                    log.exception("dspool pool failed on %r", command[0])
+                self._handle(command)
+            except Exception:
+                log.exception("dspool pool failed on %r", command[0])
 
     def _handle(self, command: tuple[Any, ...]) -> None:
         op = command[0]
@@ -758,30 +773,27 @@ class Pool:
         pool_end.setblocking(False)
         template = _Template(process=process, control=pool_end, started=time.monotonic())
         self._template = template
-        assert self._tg is not None
-        self._tg.start_soon(self._control_reader, template)
+        self._loop.add_reader(pool_end.fileno(), self._on_control_readable, template)
 
-    async def _control_reader(self, template: _Template) -> None:
-        try:
-            while True:
-                await anyio.wait_readable(template.control)
-                while True:
-                    try:
-                        received = protocol.recv_control(template.control)
-                    except BlockingIOError:
-                        break
-                    except (OSError, protocol.ProtocolError):
-                        received = None
-                    if received is None:
-                        return
-                    message, fds = received
-                    for fd in fds:
-                        os.close(fd)
-                    self._on_control(template, message)
-        except (anyio.ClosedResourceError, OSError):
-            return
-        finally:
-            self._on_template_lost(template)
+    def _on_control_readable(self, template: _Template) -> None:
+        while True:
+            try:
+                received = protocol.recv_control(template.control)
+            except BlockingIOError:
+                return
+            except (OSError, protocol.ProtocolError):
+                received = None
+            if received is None:
+                self._loop.remove_reader(template.control.fileno())
+                self._on_template_lost(template)
+                return
+            message, fds = received
+            for fd in fds:
+                os.close(fd)
+            try:
+                self._on_control(template, message)
+            except Exception:
+                log.exception("dspool pool failed on a template message")
 
     def _on_control(self, template: _Template, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -806,7 +818,6 @@ class Pool:
                     self._finish_lost(worker)
 
     def _on_template_lost(self, template: _Template) -> None:
-        anyio.notify_closing(template.control)
         template.control.close()
         try:
             template.process.wait(timeout=1.0)
@@ -872,6 +883,8 @@ class Pool:
             worker_end.close()
         pool_end.setblocking(False)
         self._workers[worker.id] = worker
+        self._loop.add_reader(pool_end.fileno(), self._on_worker_readable, worker)
+        worker.reading = True
         if replacing is not None:
             self._replaced += 1
             if self._bus.active:
@@ -880,30 +893,28 @@ class Pool:
             self._bus.emit(
                 WorkerStarting(worker_id=worker.id, ready=self._ready_count, target=self.target)
             )
-        assert self._tg is not None
-        self._tg.start_soon(self._worker_reader, worker)
         return worker
 
-    async def _worker_reader(self, worker: _Worker) -> None:
-        sock = worker.sock
+    def _on_worker_readable(self, worker: _Worker) -> None:
         try:
-            while True:
-                await anyio.wait_readable(sock)
+            while worker.state != "dead":
                 try:
-                    data = sock.recv(READ_CHUNK)
+                    data = worker.sock.recv(READ_CHUNK)
                 except BlockingIOError:
-                    continue
-                if not data:
                     return
+                if not data:
+                    break
                 for kind, meta, blob in worker.reader.feed(data):
                     self._on_frame(worker, kind, meta, blob)
-        except (anyio.ClosedResourceError, OSError):
-            return
+        except OSError:
+            pass
         except protocol.ProtocolError as exc:
             self._last_error = f"worker {worker.id} broke the protocol: {exc}"
             self._kill(worker, "crashed")
-        finally:
-            self._on_worker_lost(worker)
+        except Exception:
+            log.exception("dspool pool failed on a message from worker %s", worker.id)
+            return
+        self._on_worker_lost(worker)
 
     def _on_frame(self, worker: _Worker, kind: int, meta: tuple[Any, ...], blob: bytes) -> None:
         if kind == protocol.RESULT or kind == protocol.ERROR:
@@ -961,18 +972,36 @@ class Pool:
         if call.session is not None:
             home = self._homes.get(call.session)
             if home is not None and home.state != "dead":
-                if home.state == "idle" and not home.queue:
+                if home.state in ("idle", "busy") and not home.queue and self._has_room(home):
                     self._start_call(home, call)
                 else:
                     home.queue.append(call)
                 return
-        worker = self._pop_idle()
+        worker = self._pop_idle() or self._pipeline_candidate()
         if worker is None:
             self._queue.append(call)
             return
         if call.session is not None:
             self._homes[call.session] = worker
         self._start_call(worker, call)
+
+    def _has_room(self, worker: _Worker) -> bool:
+        inflight = worker.inflight
+        # Nothing waits behind a call with a timeout: its worker may be killed for it.
+        return not inflight or (len(inflight) < PIPELINE_DEPTH and inflight[-1].timeout is None)
+
+    def _pipeline_candidate(self) -> _Worker | None:
+        """A busy worker that can take one more call behind its current one.
+
+        Only asked when no worker is idle, so a call never waits behind another while
+        a worker is free; it saves the round trip between two calls under load.
+        """
+        best = None
+        for worker in self._workers.values():
+            if worker.state == "busy" and not worker.queue and self._has_room(worker):
+                if best is None or len(worker.inflight) < len(best.inflight):
+                    best = worker
+        return best
 
     def _pop_idle(self) -> _Worker | None:
         while self._idle:
@@ -1004,59 +1033,85 @@ class Pool:
         return None
 
     def _worker_free(self, worker: _Worker) -> None:
-        """``worker`` just became idle: give it the next call or mark it idle."""
-        worker.call = None
+        """``worker`` has room: give it the next calls, or mark it idle."""
         if worker.state == "stopping":
             return  # being killed: it gets nothing more
-        worker.state = "idle"
-        call = self._next_call(worker)
-        if call is None:
-            self._idle.append(worker)
-        else:
+        while self._has_room(worker):
+            call = self._next_call(worker)
+            if call is None:
+                break
             self._start_call(worker, call)
+        if not worker.inflight:
+            worker.state = "idle"
+            self._idle.append(worker)
 
     def _start_call(self, worker: _Worker, call: _Call) -> None:
         call.worker = worker
-        call.started = time.monotonic()
-        call.deadline = call.started + call.timeout if call.timeout is not None else None
-        call.future.worker_id = worker.id
-        worker.call = call
+        worker.inflight.append(call)
         worker.state = "busy"
+        if len(worker.inflight) == 1:
+            self._running(call)
         frame = protocol.encode_frame(
             protocol.CALL, (call.id, call.program_id, call.program), call.blob
         )
-        call.blob = b""  # sent; free the arguments
+        self._send(worker, frame)
+
+    def _running(self, call: _Call) -> None:
+        """``call`` is now the one its worker runs: its timeout starts."""
+        call.started = time.monotonic()
+        call.deadline = call.started + call.timeout if call.timeout is not None else None
+        assert call.worker is not None
+        call.future.worker_id = call.worker.id
+        if call.future.cancelled():
+            self._cancel(call)  # cancelled while it waited in the worker's socket
         if self._bus.active:
             self._bus.emit(
                 CallStarted(
-                    call_id=call.id, program=call.program, worker_id=worker.id, session=call.session
+                    call_id=call.id,
+                    program=call.program,
+                    worker_id=call.worker.id,
+                    session=call.session,
                 )
             )
+
+    def _send(self, worker: _Worker, frame: bytes) -> None:
+        if worker.outbox:  # an earlier frame is still part-way out: keep the order
+            worker.outbox.append(memoryview(frame))
+            return
         try:
             sent = worker.sock.send(frame)
         except BlockingIOError:
             sent = 0
         except OSError:
-            return  # the reader sees the worker die and fails the call
+            return  # the worker is gone; its reader fails the call
         if sent < len(frame):
-            assert self._tg is not None
-            self._tg.start_soon(self._send_rest, worker, memoryview(frame)[sent:])
+            worker.outbox.append(memoryview(frame)[sent:])
+            self._loop.add_writer(worker.sock.fileno(), self._on_worker_writable, worker)
 
-    async def _send_rest(self, worker: _Worker, rest: memoryview) -> None:
-        try:
-            while rest:
-                await anyio.wait_writable(worker.sock)
-                try:
-                    rest = rest[worker.sock.send(rest) :]
-                except BlockingIOError:
-                    continue
-        except (anyio.ClosedResourceError, OSError):
-            return
+    def _on_worker_writable(self, worker: _Worker) -> None:
+        while worker.outbox:
+            view = worker.outbox[0]
+            try:
+                sent = worker.sock.send(view)
+            except BlockingIOError:
+                return
+            except OSError:
+                worker.outbox.clear()
+                break
+            if sent < len(view):
+                worker.outbox[0] = view[sent:]
+                return
+            worker.outbox.popleft()
+        self._loop.remove_writer(worker.sock.fileno())
 
     def _on_reply(self, worker: _Worker, kind: int, meta: tuple[Any, ...], blob: bytes) -> None:
         call = worker.call
         if call is None or call.id != meta[0]:
             return  # a reply to a call this worker no longer runs: never hand it on
+        worker.inflight.popleft()
+        call.blob = b""  # done: the future may live on, the arguments need not
+        if worker.inflight:
+            self._running(worker.inflight[0])
         future = call.future
         elapsed = time.monotonic() - call.started
         if kind == protocol.RESULT:
@@ -1118,6 +1173,7 @@ class Pool:
         self._worker_free(worker)
 
     def _fail(self, call: _Call, error: BaseException, worker_id: str | None = None) -> None:
+        call.blob = b""
         if call.future.done():
             return
         call.future.set_exception(error)
@@ -1149,7 +1205,7 @@ class Pool:
     def _cancel(self, call: _Call) -> None:
         worker = call.worker
         if worker is None or worker.call is not call or worker.pid is None:
-            return  # still queued: dispatch skips cancelled futures
+            return  # still queued: dispatch skips it, or cancels it when it starts
         call.cancel_deadline = time.monotonic() + CANCEL_GRACE
         try:
             os.kill(worker.pid, signal.SIGINT)
@@ -1167,14 +1223,19 @@ class Pool:
             except ProcessLookupError:
                 pass
         else:
-            # Not forked yet: closing its socket makes the child exit at once.
-            self._close_worker_socket(worker)
+            # Not forked yet: without its socket the child exits as soon as it starts.
+            self._on_worker_lost(worker)
 
     def _close_worker_socket(self, worker: _Worker) -> None:
-        try:
-            anyio.notify_closing(worker.sock)
-        except Exception:
-            pass
+        fd = worker.sock.fileno()
+        if fd == -1:
+            return
+        if worker.reading:
+            self._loop.remove_reader(fd)
+            worker.reading = False
+        if worker.outbox:
+            self._loop.remove_writer(fd)
+            worker.outbox.clear()
         worker.sock.close()
 
     def _on_worker_lost(self, worker: _Worker) -> None:
@@ -1182,8 +1243,7 @@ class Pool:
             return
         was = worker.state
         worker.state = "dead"
-        if worker.sock.fileno() != -1:
-            self._close_worker_socket(worker)
+        self._close_worker_socket(worker)
         self._workers.pop(worker.id, None)
         if was != "starting":
             with self._ready_cond:
@@ -1192,7 +1252,13 @@ class Pool:
         elif not self._closing and worker.kill_reason is None:
             self._startup_failures += 1
         call = worker.call
-        worker.call = None
+        # Calls sent behind the running one never started (a worker reads its next call
+        # only after replying, and every reply before the end was read): run them elsewhere.
+        waiting = list(worker.inflight)[1:]
+        worker.inflight.clear()
+        for queued in waiting:
+            queued.worker = None
+            queued.future.worker_id = None
         reason = worker.kill_reason or "crashed"
         if call is not None and not call.future.done():
             if reason == "timeout":
@@ -1207,9 +1273,9 @@ class Pool:
         for session, home in list(self._homes.items()):
             if home is worker:
                 del self._homes[session]
-        if worker.queue:
-            self._queue.extendleft(reversed(worker.queue))
-            worker.queue.clear()
+        requeue = waiting + list(worker.queue)
+        worker.queue.clear()
+        self._queue.extendleft(reversed(requeue))
         if not self._closing and worker.replace:
             if self._startup_failures >= 3:
                 delay = min(5.0, 0.1 * 2 ** (self._startup_failures - 3))
@@ -1308,6 +1374,12 @@ class Pool:
     async def _shutdown(self) -> None:
         self._closing = True
         error = PoolClosed("the pool was closed before the call ran")
+        while self._inbox:  # commands that came after "close"
+            command = self._inbox.popleft()
+            if command[0] == "call":
+                self._fail(command[1], error)
+            elif command[0] == "setup":
+                command[3].set_result([])
         while self._queue:
             self._fail(self._queue.popleft(), error)
         for worker in list(self._workers.values()):
@@ -1324,13 +1396,13 @@ class Pool:
                     await anyio.sleep(0.01)
             if template.process.poll() is None:
                 _kill_process_group(template.process)
+            if template.control.fileno() != -1:
+                self._loop.remove_reader(template.control.fileno())
+                template.control.close()
         for worker in list(self._workers.values()):
-            if worker.call is not None:
-                self._fail(
-                    worker.call, PoolClosed("the pool was closed while the call ran"), worker.id
-                )
-            if worker.sock.fileno() != -1:
-                self._close_worker_socket(worker)
+            for call in worker.inflight:
+                self._fail(call, PoolClosed("the pool was closed while the call ran"), worker.id)
+            self._close_worker_socket(worker)
         for worker in list(self._dying.values()):
             self._finish_lost(worker)
         try:
@@ -1348,9 +1420,11 @@ class Pool:
         calls: list[_Call] = list(self._queue)
         for worker in list(self._workers.values()):
             calls.extend(worker.queue)
-            if worker.call is not None:
-                calls.append(worker.call)
+            calls.extend(worker.inflight)
         calls.extend(command[1] for command in list(self._inbox) if command[0] == "call")
+        for command in list(self._inbox):
+            if command[0] == "setup" and not command[3].done():
+                command[3].set_result([])
         for call in calls:
             if not call.future.done():
                 call.future.set_exception(error)
