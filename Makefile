@@ -19,6 +19,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	cd labextension && $(abspath $(BIN))/jlpm install && $(abspath $(BIN))/jlpm lint
 
 test: lint
 	$(BIN)/pytest

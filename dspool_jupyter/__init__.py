@@ -9,11 +9,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["Pool", "ProgramStore", "__version__"]
-__version__ = "0.1.0"
+try:  # generated from labextension/package.json at build time (git-ignored)
+    from ._version import __version__  # type: ignore[import-not-found, unused-ignore]
+except ImportError:  # a source tree that was never built or installed
+    __version__ = "0.0.0+unknown"
 
 if TYPE_CHECKING:
     from .pool import Pool
     from .store import ProgramStore
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where the prebuilt lab extension is (for ``jupyter labextension develop``)."""
+    return [{"src": "labextension", "dest": "dspool-jupyter"}]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,162 @@
+"""The lab extension in a real JupyterLab and Chromium: status item, panel, restarts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .lab import (
+    EXTENSION_NAME,
+    Lab,
+    extension_version,
+    installed_extension,
+    measure_death_latency,
+    notebook_json,
+    open_notebook,
+    require,
+    run_cell,
+    status_item_data,
+    wait_kernel_idle,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+POOL_CELLS = (
+    "from dspool_jupyter.comm import register_comm_target\nregister_comm_target()",
+    "from dspool_jupyter import Pool\npool = Pool(workers=2)",
+    "from dspool_jupyter.errors import WorkerCrashed\n"
+    'pool.define("crash", "import os\\ndef crash():\\n    os._exit(3)\\n")\n'
+    "try:\n"
+    '    pool.run("crash")\n'
+    "except WorkerCrashed as exc:\n"
+    '    print("crashed:", exc)',
+    'from dspool_jupyter import Pool\npool = Pool(workers=2, preload=["slow_start"])',
+)
+SLOW_START = "import time\n\ntime.sleep(2.0)  # a heavy preload: the pool is 'starting' meanwhile\n"
+
+ITEM = ".dspool-status-item"
+READY_2 = f'{ITEM}[data-ready="2"][data-target="2"]'
+
+
+def item_hidden(page: Any) -> None:
+    page.wait_for_function(
+        f"""() => {{
+            const el = document.querySelector('{ITEM}');
+            return !el || el.offsetParent === null;
+        }}"""
+    )
+
+
+def test_labextension_listed() -> None:
+    """What a user sees after ``pip install``: the extension enabled and OK."""
+    require("the package installed with its lab extension", installed_extension() is not None)
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTER_PATH"}
+    out = subprocess.run(
+        [sys.executable, "-m", "jupyter", "labextension", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    text = out.stdout + out.stderr
+    line = next((x for x in text.splitlines() if EXTENSION_NAME in x), "")
+    assert f"{EXTENSION_NAME} v{extension_version()}" in line, text
+    assert "enabled" in line and "OK" in line, text
+
+
+def test_status_item_panel_and_restarts(lab: Lab, page: Any, artifacts: Path) -> None:
+    (lab.root / "pool.ipynb").write_text(notebook_json(*POOL_CELLS))
+    (lab.root / "other.ipynb").write_text(notebook_json("1 + 1"))
+    (lab.root / "slow_start.py").write_text(SLOW_START)
+    open_notebook(page, lab, "pool.ipynb")
+    assert status_item_data(page) == {}  # no pool, no item
+
+    assert "True" in run_cell(page, 0)
+    run_cell(page, 1)
+    page.wait_for_selector(READY_2, state="visible")
+    item = page.locator(ITEM)
+    assert item.inner_text() == "dspool 2/2 · 0 busy · 0 failed"
+    assert item.get_attribute("data-state") == "healthy"
+    assert "dspool-state-healthy" in (item.get_attribute("class") or "")
+    page.screenshot(path=str(artifacts / "01-status-item-ready.png"))
+
+    # a program that kills its worker: the failed count rises and the worker is replaced
+    assert "crashed:" in run_cell(page, 2)
+    page.wait_for_selector(f'{READY_2}[data-failed="1"][data-replaced="1"]')
+    assert item.inner_text() == "dspool 2/2 · 0 busy · 1 failed"
+    page.screenshot(path=str(artifacts / "02-status-item-after-crash.png"))
+
+    # the panel, opened from the item
+    item.click()
+    panel = page.locator("#dspool-panel")
+    panel.wait_for(state="visible")
+    rows = panel.locator("tr.dspool-worker")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#dspool-panel tr.dspool-worker-idle').length === 2"
+    )
+    assert panel.locator(".dspool-progress-label").inner_text() == "All 2 workers ready"
+    failure = panel.locator(".dspool-failure").first
+    assert "WorkerCrashed" in failure.inner_text()
+    failure.locator("summary").click()
+    assert failure.locator(".dspool-traceback").is_visible()
+    page.screenshot(path=str(artifacts / "03-panel.png"))
+
+    # restart a worker from the panel
+    first = rows.first
+    worker_id = first.get_attribute("data-worker-id")
+    pid = int(first.get_attribute("data-pid") or 0)
+    first.locator("button.dspool-restart-worker").click()
+    page.wait_for_function(
+        """wid => {
+            const rows = [...document.querySelectorAll('#dspool-panel tr.dspool-worker')];
+            return rows.length === 2 && rows.every(r => r.dataset.workerId !== wid)
+                && rows.every(r => r.classList.contains('dspool-worker-idle'));
+        }""",
+        arg=worker_id,
+    )
+    assert f"Worker {worker_id} restarted." in panel.locator(".dspool-message").inner_text()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    page.screenshot(path=str(artifacts / "04-panel-after-worker-restart.png"))
+
+    # a worker's death shows in the item well within a second
+    latency = measure_death_latency(page)
+    print(f"death to status item: {latency:.3f} s")  # noqa: T201
+    assert latency < 1.0
+
+    # it follows the active notebook...
+    page.evaluate(
+        "() => window.jupyterapp.commands.execute('docmanager:open', {path: 'other.ipynb'})"
+    )
+    wait_kernel_idle(page)
+    item_hidden(page)
+    assert "has no dspool pool" in panel.inner_text()
+    page.evaluate(
+        "() => window.jupyterapp.commands.execute('docmanager:open', {path: 'pool.ipynb'})"
+    )
+    page.wait_for_selector(READY_2, state="visible")
+
+    # ...and the kernel's restarts
+    page.evaluate(
+        "() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.restart()"
+    )
+    item_hidden(page)
+    wait_kernel_idle(page)
+    run_cell(page, 0)
+    run_cell(page, 3)  # a pool whose start takes a while: start-up progress shows
+    page.wait_for_selector(f'{ITEM}[data-state="starting"][data-ready="0"]', state="visible")
+    assert "dspool-state-starting" in (item.get_attribute("class") or "")
+    assert panel.locator(".dspool-progress-label").inner_text() == "Starting: 0 of 2 workers ready"
+    page.screenshot(path=str(artifacts / "05-after-kernel-restart-starting.png"))
+    page.wait_for_selector(f'{READY_2}[data-state="healthy"][data-failed="0"]', state="visible")
+    page.screenshot(path=str(artifacts / "06-after-kernel-restart-ready.png"))
+
+    # a reloaded page finds the kernel's comm again (comm_info), with no cell run
+    page.reload()
+    page.wait_for_selector(READY_2, state="visible", timeout=60_000)
