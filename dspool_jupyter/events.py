@@ -38,9 +38,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Event:
-    """Base of all events; ``time`` is wall-clock seconds since the epoch."""
+    """Base of all events; ``time`` is wall-clock seconds since the epoch.
+
+    Events are shared by every subscriber: treat them as read-only. (They are slotted,
+    not frozen: a frozen dataclass costs more than twice as much to build, and the pool
+    builds two per call while anyone listens.)
+    """
 
     kind: ClassVar[str] = "event"
     time: float = field(default_factory=time.time, kw_only=True)
@@ -50,7 +55,7 @@ class Event:
         return {"kind": self.kind, **asdict(self)}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerStarting(Event):
     """A worker process was asked for (pool start, replacement or restart)."""
 
@@ -60,7 +65,7 @@ class WorkerStarting(Event):
     target: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerReady(Event):
     """A worker said hello and takes calls; ``ready``/``target`` is start-up progress."""
 
@@ -72,20 +77,20 @@ class WorkerReady(Event):
     startup_seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerBusy(Event):
     kind: ClassVar[str] = "worker_busy"
     worker_id: str
     program: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerIdle(Event):
     kind: ClassVar[str] = "worker_idle"
     worker_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerDied(Event):
     """A worker process is gone; ``reason`` is 'crashed', 'timeout', 'restart' or 'cancel'."""
 
@@ -97,7 +102,7 @@ class WorkerDied(Event):
     program: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerReplaced(Event):
     """A dead worker's place went to a new worker (which then starts)."""
 
@@ -106,7 +111,7 @@ class WorkerReplaced(Event):
     new_worker_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PoolReady(Event):
     """Every worker of the pool's target size is ready (emitted once per start)."""
 
@@ -115,12 +120,12 @@ class PoolReady(Event):
     startup_seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PoolClosedEvent(Event):
     kind: ClassVar[str] = "pool_closed"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CallStarted(Event):
     kind: ClassVar[str] = "call_started"
     call_id: int
@@ -129,7 +134,7 @@ class CallStarted(Event):
     session: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CallFinished(Event):
     kind: ClassVar[str] = "call_finished"
     call_id: int
@@ -138,7 +143,7 @@ class CallFinished(Event):
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CallFailed(Event):
     """A call ended in an error; ``error`` is the class name, ``message`` its text."""
 
@@ -151,7 +156,7 @@ class CallFailed(Event):
     traceback: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ProgramDefined(Event):
     kind: ClassVar[str] = "program_defined"
     name: str
@@ -159,7 +164,7 @@ class ProgramDefined(Event):
     session: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ProgramDeleted(Event):
     kind: ClassVar[str] = "program_deleted"
     name: str
