@@ -417,17 +417,27 @@ class Pool:
     ) -> str:
         """Define a DSPy program from a declarative signature (the ``dspy`` extra).
 
-        ``signature`` is e.g. ``"question -> answer"``; ``module`` is ``Predict`` or
-        ``ChainOfThought``. See :mod:`dspool_jupyter.dspy_programs`.
+        ``signature`` is e.g. ``"question -> answer"`` (typed fields and instruction
+        lines allowed); ``module`` is ``Predict`` or ``ChainOfThought``; ``options``:
+        ``instructions``, ``demos`` and the module's config. Returns the program's id.
+        See :mod:`dspool_jupyter.dspy_programs`.
         """
         from . import dspy_programs
 
-        return dspy_programs.define_signature(
+        program_id = dspy_programs.define_signature(
             self, name, signature, module=module, session=session, **options
         )
+        if self._bus.active:
+            self._bus.emit(ProgramDefined(name=name, program_id=program_id, session=session))
+        return program_id
 
-    def configure_lm(self, model: str, **kwargs: Any) -> None:
-        """Configure one DSPy LM in every worker, later ones included (the ``dspy`` extra)."""
+    def configure_lm(self, model: Any, **kwargs: Any) -> None:
+        """Make ``model`` DSPy's LM in every worker, later ones included (the ``dspy`` extra).
+
+        ``model``: ``"dummy"`` (offline, ``answers={...}``), a ``dspy.LM`` model name
+        (``kwargs`` go to ``dspy.LM``) or an LM object. See
+        :func:`dspool_jupyter.dspy_programs.configure_lm`.
+        """
         from . import dspy_programs
 
         dspy_programs.configure_lm(self, model, **kwargs)
@@ -749,6 +759,8 @@ class Pool:
         }
         env = dict(os.environ)
         env[OWNER_ENV] = self.token
+        # Offline by default: litellm (under dspy) must not fetch its price map at import.
+        env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         try:
             process = subprocess.Popen(
                 [

@@ -268,6 +268,11 @@ def build_program(spec: ProgramSpec) -> Callable[..., Any]:
             raise NameError(f"program {spec.name!r} defines no {entry!r} when it runs")
         if not callable(fn):
             raise TypeError(f"entry {entry!r} of program {spec.name!r} is not callable")
+        if isinstance(fn, type) and _is_dspy_module(fn):
+            # A dspy.Module class: built once per worker, and its instance is called.
+            from . import dspy_programs
+
+            return dspy_programs.build_module_program(spec, fn)
         return fn  # type: ignore[no-any-return]
     if spec.kind == "pickle":
         fn = cloudpickle.loads(spec.payload)
@@ -277,8 +282,14 @@ def build_program(spec: ProgramSpec) -> Callable[..., Any]:
     if spec.kind == "signature":
         from . import dspy_programs  # optional extra, imported only when used
 
-        return dspy_programs.build_signature_program(spec)  # type: ignore[no-any-return]
+        return dspy_programs.build_signature_program(spec)
     raise TypeError(f"program {spec.name!r} has unknown kind {spec.kind!r}")
+
+
+def _is_dspy_module(cls: type) -> bool:
+    """True for a ``dspy.Module`` subclass (dspy is loaded then: the program imported it)."""
+    module_type = getattr(sys.modules.get("dspy"), "Module", None)
+    return isinstance(module_type, type) and issubclass(cls, module_type)
 
 
 def _worker_main(fd: int, worker_id: str, config: dict[str, Any], template_pid: int) -> int:
