@@ -1,0 +1,1106 @@
+"""IPython magics: ``%load_ext dspool_jupyter``, then ``%dspool`` and ``%%dspool``.
+
+The syntax is DESIGN.md's (``%dspool?`` shows all of it); these are the decisions
+behind it:
+
+- **Which pool.** One pool per kernel: the magics use the kernel's current pool
+  (:func:`dspool_jupyter.pool.current_pool`, the last pool started in this kernel and not
+  closed, whether by ``%dspool start`` or by ``Pool(...)`` in code), which is also the
+  one the JupyterLab status item shows. ``%dspool start`` starts a new pool and closes
+  the one the magics started before; a pool made in code is left to its owner (the new
+  one becomes current). ``%dspool stop`` closes the current pool.
+- **Auto-start.** ``program``, ``signature``, ``run``, ``map`` and ``lm`` start a pool with
+  the defaults (one worker per CPU, the default store; ``signature`` and ``lm`` also
+  preload dspy, so its workers fork with it imported) when there is none, and say so in
+  one line; ``status``, ``errors``, ``restart`` and ``stop`` never start one, and
+  ``programs`` lists the default store when there is no pool.
+- **Store.** The default is the pool's default (``$DSPOOL_STORE``, else the per-user
+  cache directory), so programs defined in a notebook survive kernel restarts;
+  ``--store PATH`` chooses another. Programs are anonymous (visible to every call)
+  unless ``--session S`` is given.
+- **Inputs.** ``%dspool run NAME key=value ...``: each value is a Python literal
+  (``3``, ``'a b'``, ``[1, 2]``, ``{'k': 1}``) and otherwise the text as written
+  (``question=Why?`` is the string ``'Why?'``); a value without ``key=`` is a positional
+  argument. Quotes and brackets group, so ``q="two words"`` and ``xs=[1, 2]`` are one
+  input each. IPython expands ``{expr}`` and ``$name`` in the line first (as text). The
+  body of ``%%dspool run NAME`` is either a JSON object (or a Python dict literal) of
+  keyword arguments, or one ``key = value`` per line with the same literal rule (blank
+  lines and ``#`` comments are skipped); inputs on the magic's line come on top.
+- **Results.** ``run`` returns the value, so it shows as the cell's output like any
+  expression; ``--out VAR`` stores it in ``VAR`` instead (nothing is shown, as with an
+  assignment). What the program printed is shown above it. A program's exception shows
+  the worker's traceback (:class:`ProgramError`, the worker named) and fails the cell;
+  the kernel and the pool carry on. The pool's own faults (:class:`WorkerCrashed`,
+  :class:`CallTimeout`, ...) show as one line. User mistakes are a one-line
+  ``UsageError`` that says what to do.
+- **Background.** ``run --bg`` returns at once: a :class:`BackgroundCall` handle goes to
+  ``--out VAR`` (default ``dspool_bg``), the cell shows a placeholder, and the
+  placeholder is replaced in that cell by the value (with what the program printed) or
+  the error when it arrives, even if other cells ran in between: it is a display with a
+  display id, updated from a helper thread. ``VAR.result()`` waits for the value.
+- **Map.** ``%dspool map NAME --over VAR`` makes one call per item of the list ``VAR``
+  (each item is the one positional argument, or keyword ``--arg K``, or unpacked with
+  ``--unpack``: a dict as keywords, a tuple or list as positionals; ``key=value`` inputs
+  are added to every call), all submitted at once, with a progress bar. It returns (or
+  stores in ``--out VAR``) a :class:`MapResult`: a list in input order in which a failed
+  item holds its exception, with ``.errors`` (index -> exception). Failures never stop
+  the other items; the cell lists the first few.
+- **Interrupt.** The kernel's stop button cancels the cell's calls: the one ``run`` waits
+  for, every call of a ``map``, and the ``--bg`` calls started by that same cell (a
+  ``--bg`` call of an earlier cell keeps running; ``handle.cancel()`` stops it). A
+  cancelled running call gets SIGINT in its worker; the pool and the kernel stay usable.
+- **Shutdown.** Pools close at interpreter exit (:mod:`dspool_jupyter.pool` registers it),
+  so a kernel shutdown or restart stops them cleanly, and every pool process dies with
+  its parent anyway, so no worker outlives its kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import atexit
+import concurrent.futures
+import html
+import json
+import logging
+import queue
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from .errors import (
+    DspoolError,
+    PoolStartTimeout,
+    ProgramError,
+    ProgramNotFound,
+    UnknownWorker,
+    UnpicklableArguments,
+)
+from .pool import CallFuture, Pool, current_pool
+from .widget import DEFAULT_INTERVAL, FailuresView, StatusView, render_text
+
+__all__ = [
+    "DEFAULT_BG_NAME",
+    "BackgroundCall",
+    "DspoolMagics",
+    "MapResult",
+    "parse_cell_inputs",
+    "parse_inputs",
+    "parse_value",
+    "register",
+    "split_line",
+    "unregister",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BG_NAME = "dspool_bg"  # where --bg puts its handle without --out
+START_WAIT = 60.0  # seconds %dspool start waits for every worker to be ready
+PROGRESS_INTERVAL = 0.25  # seconds between progress-bar updates of map
+SHOWN_MAP_ERRORS = 5  # failed items listed under a map
+SUBCOMMANDS = (
+    "start",
+    "program",
+    "signature",
+    "run",
+    "map",
+    "lm",
+    "status",
+    "programs",
+    "errors",
+    "restart",
+    "stop",
+)
+SYNTAX = {
+    "start": "%dspool start [--workers N] [--store PATH] [--preload mod1,mod2] [--timeout S]"
+    " [--no-wait]",
+    "program": "%%dspool program NAME [--session S] [--entry FUNC], source in the cell",
+    "signature": "%%dspool signature NAME [--module Predict|ChainOfThought] [--session S],"
+    " the signature in the cell",
+    "run": "%dspool run NAME [key=value ...] [--session S] [--timeout S] [--bg] [--out VAR]",
+    "map": "%dspool map NAME --over VAR [key=value ...] [--arg K | --unpack] [--out VAR]",
+    "lm": "%dspool lm MODEL [key=value ...]",
+    "status": "%dspool status [--interval S] [--text]",
+    "programs": "%dspool programs [--session S]",
+    "errors": "dspool errors",
+    "restart": "%dspool restart [WORKER]",
+    "stop": "dspool stop",
+}
+_KEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+# ----------------------------------------------------------------------- input parsing
+
+
+def split_line(line: str) -> list[str]:
+    """Split a magic's line on spaces, keeping quoted text and brackets in one token.
+
+    Quotes stay in the token (``q="a b"`` is one token, its value the string ``a b``).
+    """
+    tokens: list[str] = []
+    buf: list[str] = []
+    depth = 0
+    quote: str | None = None
+    i = 0
+    while i < len(line):
+        ch = line[i]
+        if quote is not None:
+            buf.append(ch)
+            if ch == "\\" and i + 1 < len(line):
+                buf.append(line[i + 1])
+                i += 1
+            elif ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            buf.append(ch)
+        elif ch in "([{":
+            depth += 1
+            buf.append(ch)
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+            buf.append(ch)
+        elif ch.isspace() and depth == 0:
+            if buf:
+                tokens.append("".join(buf))
+                buf = []
+        else:
+            buf.append(ch)
+        i += 1
+    if quote is not None:
+        raise UsageError(f"a quote ({quote}) is not closed in: {line.strip()}")
+    if buf:
+        tokens.append("".join(buf))
+    return tokens
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal if ``text`` is one (``3``, ``'x'``, ``[1, 2]``), else ``text``."""
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _text(value: str) -> str:
+    """An option's value: the text, without the quotes that grouped it."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        unquoted = parse_value(value)
+        if isinstance(unquoted, str):
+            return unquoted
+    return value
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be more than 0 seconds")
+    return number
+
+
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return number
+
+
+def _identifier(value: str) -> str:
+    value = _text(value)
+    if not value.isidentifier():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a Python variable name")
+    return value
+
+
+def parse_inputs(tokens: Iterable[str]) -> tuple[list[Any], dict[str, Any]]:
+    """``key=value`` tokens as keyword arguments, other tokens as positional ones."""
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for token in tokens:
+        match = _KEY_RE.match(token)
+        if match is None:
+            args.append(parse_value(token))
+            continue
+        key, value = match.groups()
+        if key in kwargs:
+            raise UsageError(f"input {key!r} is given twice")
+        kwargs[key] = parse_value(value)
+    return args, kwargs
+
+
+def parse_cell_inputs(body: str) -> dict[str, Any]:
+    """A ``%%dspool run`` body: a JSON object (or dict literal), or ``key = value`` lines."""
+    text = body.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            data = parse_value(text)
+            if not isinstance(data, dict):
+                raise UsageError(
+                    f"the cell is not a JSON object ({exc.msg} at line {exc.lineno}); "
+                    "write a JSON object or one key = value per line"
+                ) from None
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise UsageError("the cell's object must map input names (text) to values")
+        return data
+    kwargs: dict[str, Any] = {}
+    for number, raw in enumerate(body.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(
+                f"cell line {number} is not 'key = value': {line!r} "
+                "(or write the inputs as one JSON object)"
+            )
+        if key in kwargs:
+            raise UsageError(f"input {key!r} is given twice (cell line {number})")
+        kwargs[key] = parse_value(value.strip())
+    return kwargs
+
+
+# ------------------------------------------------------------------- results and handles
+
+
+class MapResult(list[Any]):
+    """The results of ``%dspool map`` in input order; a failed item holds its exception.
+
+    ``errors`` maps the index of each failed item to its exception.
+    """
+
+    def __init__(self, values: Iterable[Any] = (), errors: dict[int, BaseException] | None = None):
+        super().__init__(values)
+        self.errors: dict[int, BaseException] = dict(errors or {})
+
+    @property
+    def ok(self) -> bool:
+        """True when no item failed."""
+        return not self.errors
+
+
+class BackgroundCall:
+    """The handle of a ``%dspool run --bg`` call (what ``--out VAR`` holds).
+
+    ``result(timeout)`` waits for the value (or raises the call's error), ``done()``,
+    ``exception(timeout)`` and ``cancel()`` are the future's; ``future`` is the
+    :class:`~dspool_jupyter.pool.CallFuture` itself.
+    """
+
+    def __init__(self, program: str, future: CallFuture, cell: object, display: Any) -> None:
+        self.program = program
+        self.future = future
+        self._cell = cell
+        self._display = display
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.future.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self.future.exception(timeout)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
+
+    def __repr__(self) -> str:
+        if not self.future.done():
+            state = "running"
+        elif self.future.cancelled():
+            state = "cancelled"
+        elif self.future.exception() is not None:
+            state = f"failed: {type(self.future.exception()).__name__}"
+        else:
+            state = "done"
+        return f"<BackgroundCall {self.program!r} {state}>"
+
+
+def _signature_cell(body: str) -> tuple[str, str | None]:
+    """A signature cell: the ``inputs -> outputs`` line and the instruction lines."""
+    try:
+        from .dspy_programs import parse_signature_cell
+    except ImportError:  # a dspy_programs without it: the whole body is the signature
+        return body.strip(), None
+    return parse_signature_cell(body)
+
+
+def _one_line(exc: BaseException) -> BaseException:
+    """Make IPython show ``exc`` as one line (its type and message) without a traceback."""
+    line = f"{type(exc).__name__}: {exc}"
+    exc.__dict__["_render_traceback_"] = lambda: [line]
+    return exc
+
+
+def _echo(future: CallFuture) -> None:
+    if future.stdout:
+        sys.stdout.write(future.stdout)
+    if future.stderr:
+        sys.stderr.write(future.stderr)
+
+
+def _display(obj: object, **kwargs: Any) -> Any:
+    from IPython.display import display
+
+    return display(obj, **kwargs)  # type: ignore[no-untyped-call]
+
+
+@dataclass
+class _Placeholder:
+    """What a ``--bg`` cell shows until its call ends."""
+
+    program: str
+    handle_name: str
+
+    def _repr_mimebundle_(
+        self, include: Any = None, exclude: Any = None, **kwargs: Any
+    ) -> dict[str, str]:
+        text = (
+            f"{self.program}: running in the background ({self.handle_name}.result() waits for it)"
+        )
+        return {"text/plain": text, "text/html": f"<i>{html.escape(text)}</i>"}
+
+
+@dataclass
+class _Progress:
+    """The progress bar of a map (a display updated in place)."""
+
+    label: str
+    total: int
+    done: int = 0
+    failed: int = 0
+    note: str = ""
+
+    def text(self) -> str:
+        text = f"{self.label}: {self.done}/{self.total} done"
+        if self.failed:
+            text += f", {self.failed} failed"
+        return text + (f" ({self.note})" if self.note else "")
+
+    def _repr_mimebundle_(
+        self, include: Any = None, exclude: Any = None, **kwargs: Any
+    ) -> dict[str, str]:
+        text = self.text()
+        colour = "#c62828" if self.failed else "inherit"
+        return {
+            "text/plain": text,
+            "text/html": f'<progress value="{self.done}" max="{max(self.total, 1)}" '
+            f'style="width:20em"></progress> <span style="color:{colour}">'
+            f"{html.escape(text)}</span>",
+        }
+
+
+class _OutputThread:
+    """One lazily started helper thread that renders finished ``--bg`` calls.
+
+    Future callbacks run on the pool's dispatcher thread, which must not format values
+    or talk to the frontend: they only queue a job here.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def post(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="dspool-magics-output", daemon=True
+                )
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:
+                log.exception("dspool: showing a background result failed")
+
+    def stop(self, timeout: float = 2.0) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._jobs.put(None)
+            thread.join(timeout)
+
+
+_outputs = _OutputThread()
+atexit.register(_outputs.stop)
+
+
+class _State:
+    """What the magics keep across ``%reload_ext``: the pool they started, its view."""
+
+    started: Pool | None = None
+    view: StatusView | None = None
+
+
+_state = _State()
+
+
+def _outcome_bundle(shell: Any, program: str, future: CallFuture) -> dict[str, Any]:
+    """The mime bundle that replaces a ``--bg`` placeholder: output, then value or error."""
+    printed = (future.stdout or "") + (future.stderr or "")
+    if future.cancelled():
+        data: dict[str, Any] = {"text/plain": f"{program}: cancelled"}
+        is_error = True
+    elif (error := future.exception()) is not None:
+        if isinstance(error, ProgramError):
+            text = "\n".join(error._render_traceback_())
+        else:
+            text = f"{type(error).__name__}: {error}"
+        data = {"text/plain": text}
+        is_error = True
+    else:
+        value = future.result()
+        is_error = False
+        if value is None:
+            data = {"text/plain": "" if printed else f"{program}: done (returned None)"}
+        else:
+            formatted, _metadata = shell.display_formatter.format(value)
+            data = dict(formatted)
+    plain = data.get("text/plain", "")
+    data["text/plain"] = printed + plain if plain or not printed else printed
+    style = ' style="color:#c62828"' if is_error else ""
+    printed_html = f"<pre>{html.escape(printed)}</pre>" if printed else ""
+    if "text/html" in data:
+        data["text/html"] = printed_html + str(data["text/html"])
+    else:
+        data["text/html"] = printed_html + f"<pre{style}>{html.escape(plain)}</pre>"
+    return data
+
+
+# ------------------------------------------------------------------------------ magics
+
+
+def _arg(*args: Any, **kwargs: Any) -> Any:
+    """``@argument(...)`` of IPython's magic_arguments (typed for mypy)."""
+    return argument(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+
+_session = _arg("--session", metavar="S", type=_text, help="the session (default: none)")
+_timeout = _arg(
+    "--timeout", metavar="S", type=_positive, help="seconds the call may run on its worker"
+)
+_out = _arg("--out", metavar="VAR", type=_identifier, help="store the result in VAR")
+_inputs = _arg(
+    "inputs", nargs="*", metavar="key=value", help="inputs, each a Python literal or text"
+)
+
+
+def _subcommand(name: str, *decorators: Any) -> Callable[[_F], _F]:
+    """``@magic_arguments`` with the given ``@argument`` decorators, typed for mypy."""
+
+    def apply(func: _F) -> _F:
+        wrapped: Any = func
+        for decorator in reversed(decorators):
+            wrapped = decorator(wrapped)
+        return cast(_F, magic_arguments(name)(wrapped))  # type: ignore[no-untyped-call]
+
+    return apply
+
+
+@magics_class
+class DspoolMagics(Magics):
+    """The ``%dspool`` / ``%%dspool`` magics (see the module docstring)."""
+
+    def __init__(self, shell: Any = None) -> None:
+        super().__init__(shell)
+        self._cell: object = object()  # changes at every cell: which calls a cell made
+        self._bg_calls: list[BackgroundCall] = []
+
+    # -- plumbing
+    @line_cell_magic
+    def dspool(self, line: str, cell: str | None = None) -> Any:
+        tokens = split_line(line)
+        if not tokens:
+            raise UsageError(
+                f"%dspool needs a subcommand: {', '.join(SUBCOMMANDS)} (%dspool? for help)"
+            )
+        sub, rest = tokens[0], tokens[1:]
+        if sub not in SUBCOMMANDS:
+            raise UsageError(
+                f"unknown subcommand {sub!r}; use one of: {', '.join(SUBCOMMANDS)} "
+                "(%dspool? for help)"
+            )
+        handler = getattr(self, f"handle_{sub}")
+        if "-h" in rest or "--help" in rest:
+            sys.stdout.write(handler.__doc__ or SYNTAX[sub])
+            return None
+        try:
+            args = handler.parser.parse_intermixed_args(rest)
+        except UsageError as exc:
+            message = str(exc).replace(", key=value", "")  # inputs are never required
+            raise UsageError(f"%dspool {sub}: {message}; usage: {SYNTAX[sub]}") from None
+        if cell is not None and sub not in ("program", "signature", "run") and cell.strip():
+            raise UsageError(f"%%dspool {sub} takes no cell body; usage: {SYNTAX[sub]}")
+        return handler(args, cell)
+
+    @property
+    def user_ns(self) -> dict[str, Any]:
+        assert self.shell is not None
+        return cast(dict[str, Any], self.shell.user_ns)
+
+    def _in_kernel(self) -> bool:
+        return getattr(self.shell, "kernel", None) is not None
+
+    def _pool(self, preload: tuple[str, ...] = ()) -> Pool:
+        """The current pool; started with the defaults (and ``preload``) when there is none."""
+        pool = current_pool()
+        if pool is None:
+            pool = self._start_pool({"preload": list(preload)} if preload else {})
+            with_preload = f", preloading {', '.join(preload)}" if preload else ""
+            sys.stdout.write(
+                f"dspool: no pool was running, started one with the defaults{with_preload} "
+                "(%dspool start to choose, %dspool status to watch it)\n"
+            )
+        return pool
+
+    def _start_pool(self, options: dict[str, Any]) -> Pool:
+        try:
+            pool = Pool(**options)
+        except (ValueError, DspoolError) as exc:
+            raise UsageError(f"cannot start the pool: {exc}") from None
+        _state.started = pool
+        return pool
+
+    def _status_view(self, pool: Pool) -> StatusView:
+        view = _state.view
+        if view is None or view.pool is not pool:
+            view = _state.view = StatusView(pool)
+        return view
+
+    def _resolve(self, pool: Pool, name: str, session: str | None) -> None:
+        try:
+            pool.store.resolve(name, session)
+        except ProgramNotFound as exc:
+            raise UsageError(f"{exc}; define it with %%dspool program {name}") from None
+
+    def _wait(self, future: CallFuture) -> Any:
+        """Wait for one call like a normal cell: interruptible, errors shown natively."""
+        try:
+            concurrent.futures.wait([future])
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+        _echo(future)
+        try:
+            return future.result()
+        except ProgramError:
+            raise
+        except ProgramNotFound as exc:
+            raise UsageError(f"{exc}; define it with %%dspool program {exc.name}") from None
+        except UnpicklableArguments as exc:
+            raise UsageError(str(exc)) from None
+        except DspoolError as exc:
+            raise _one_line(exc) from None
+        except concurrent.futures.CancelledError:
+            raise _one_line(DspoolError(f"the call of {future.program!r} was cancelled")) from None
+
+    def pre_run_cell(self, info: Any = None) -> None:
+        self._cell = object()
+
+    def post_run_cell(self, result: Any = None) -> None:
+        if isinstance(getattr(result, "error_in_exec", None), KeyboardInterrupt):
+            for call in self._bg_calls:
+                if call._cell is self._cell and not call.done():
+                    call.cancel()
+        self._bg_calls = [c for c in self._bg_calls if not c.done()]
+
+    # -- subcommands
+    @_subcommand(
+        "dspool start",
+        _arg("--workers", metavar="N", type=_count, help="worker processes (default: CPUs)"),
+        _arg("--store", metavar="PATH", type=_text, help="program store directory"),
+        _arg("--preload", metavar="MODS", type=_text, help="modules to import once, a,b"),
+        _arg("--timeout", metavar="S", type=_positive, help="default per-call timeout (seconds)"),
+        _arg("--no-wait", action="store_true", help="return before the workers are ready"),
+    )
+    def handle_start(self, args: argparse.Namespace, cell: str | None) -> None:
+        """Start the kernel's pool (closing the one %dspool start made before) and show it.
+
+        Waits until every worker is ready (the status widget shows the progress) unless
+        --no-wait; calls made before then queue.
+
+        Example: %dspool start --workers 4 --preload numpy,dspy --timeout 120
+        """
+        options: dict[str, Any] = {"workers": args.workers, "call_timeout": args.timeout}
+        if args.store is not None:
+            options["store"] = Path(args.store).expanduser()
+        if args.preload:
+            options["preload"] = [m.strip() for m in args.preload.split(",") if m.strip()]
+        previous = _state.started
+        if previous is not None and not previous.closed:
+            previous.close()
+            sys.stdout.write("dspool: stopped the previous pool\n")
+        pool = self._start_pool(options)
+        self._status_view(pool).show()
+        if args.no_wait:
+            return
+        try:
+            pool.wait_ready(START_WAIT)
+        except PoolStartTimeout as exc:
+            sys.stderr.write(f"dspool: {exc}; the pool keeps trying\n")
+
+    @_subcommand(
+        "%dspool program",
+        _arg("name", metavar="NAME", type=_text, help="the program's name"),
+        _session,
+        _arg("--entry", metavar="FUNC", type=_text, help="the callable (default: NAME)"),
+    )
+    def handle_program(self, args: argparse.Namespace, cell: str | None) -> None:
+        """Define program NAME from the cell's Python source; every worker sees it at once.
+
+        The source must define a callable named NAME at top level (or --entry FUNC).
+
+        Example:
+            %%dspool program square
+            def square(x):
+                return x * x
+        """
+        if cell is None:
+            raise UsageError(
+                "program needs its source in a cell: %%dspool program NAME, then the code"
+            )
+        if not cell.strip():
+            raise UsageError(f"the cell is empty: write the source of {args.name!r} below")
+        pool = self._pool()
+        try:
+            pool.define(args.name, cell, entry=args.entry, session=args.session)
+        except DspoolError as exc:  # InvalidProgram, StoreError
+            raise UsageError(str(exc)) from None
+        where = f" in session {args.session!r}" if args.session else ""
+        sys.stdout.write(f"defined program {args.name!r}{where}\n")
+
+    @_subcommand(
+        "%dspool signature",
+        _arg("name", metavar="NAME", type=_text, help="the program's name"),
+        _arg("--module", metavar="M", type=_text, default="Predict", help="Predict|ChainOfThought"),
+        _session,
+    )
+    def handle_signature(self, args: argparse.Namespace, cell: str | None) -> None:
+        """Define DSPy program NAME from the signature in the cell (the dspy extra).
+
+        Example:
+            %%dspool signature qa --module ChainOfThought
+            question -> answer
+        """
+        if cell is None or not cell.strip():
+            raise UsageError(
+                "signature needs a cell: %%dspool signature NAME, then e.g. question -> answer"
+            )
+        pool = self._pool(preload=("dspy",))  # DSPy workers: fork them with dspy imported
+        try:
+            signature, instructions = _signature_cell(cell)
+            options = {"instructions": instructions} if instructions else {}
+            pool.define_signature(
+                args.name, signature, module=args.module, session=args.session, **options
+            )
+        except ProgramError:
+            raise
+        except (DspoolError, ValueError, TypeError, ImportError) as exc:
+            raise UsageError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+        where = f" in session {args.session!r}" if args.session else ""
+        sys.stdout.write(f"defined program {args.name!r}{where}\n")
+
+    @_subcommand(
+        "dspool run",
+        _arg("name", metavar="NAME", type=_text, help="the program to run"),
+        _inputs,
+        _session,
+        _timeout,
+        _arg("--bg", action="store_true", help="return at once; the result shows later"),
+        _out,
+    )
+    def handle_run(self, args: argparse.Namespace, cell: str | None) -> Any:
+        """Run program NAME once and show its value (or store it with --out VAR).
+
+        Inputs are key=value (Python literals, else text); as a cell, the body holds
+        them: a JSON object, or one key = value per line. --bg returns at once with a
+        handle in VAR (default dspool_bg); the result replaces the cell's placeholder.
+
+        Examples:
+            %dspool run square x=7
+            %dspool run qa question="What is 2+2?" --bg --out job
+            %%dspool run qa
+            question = What is the capital of France?
+        """
+        call_args, kwargs = parse_inputs(args.inputs)
+        if cell is not None:
+            for key, value in parse_cell_inputs(cell).items():
+                if key in kwargs:
+                    raise UsageError(f"input {key!r} is given on the line and in the cell")
+                kwargs[key] = value
+        pool = self._pool()
+        self._resolve(pool, args.name, args.session)
+        if args.bg:
+            return self._run_bg(pool, args, call_args, kwargs)
+        future = pool.submit(
+            args.name, *call_args, session=args.session, timeout=args.timeout, **kwargs
+        )
+        value = self._wait(future)
+        if args.out is not None:
+            self.user_ns[args.out] = value
+            return None
+        return value
+
+    def _run_bg(
+        self, pool: Pool, args: argparse.Namespace, call_args: list[Any], kwargs: dict[str, Any]
+    ) -> None:
+        name = args.out or DEFAULT_BG_NAME
+        display = _display(_Placeholder(args.name, name), display_id=True)
+        future = pool.submit(
+            args.name, *call_args, session=args.session, timeout=args.timeout, **kwargs
+        )
+        call = BackgroundCall(args.name, future, self._cell, display)
+        self.user_ns[name] = call
+        self._bg_calls.append(call)
+        shell = self.shell
+
+        def show() -> None:
+            bundle = _outcome_bundle(shell, call.program, future)
+            if display is not None:
+                display.update(bundle, raw=True)
+
+        future.add_done_callback(lambda _future: _outputs.post(show))
+
+    @_subcommand(
+        "dspool map",
+        _arg("name", metavar="NAME", type=_text, help="the program to run"),
+        _inputs,
+        _arg("--over", metavar="VAR", type=_identifier, required=True, help="a list"),
+        _arg("--arg", metavar="K", type=_identifier, help="pass each item as keyword K"),
+        _arg("--unpack", action="store_true", help="dict items as keywords, tuples as args"),
+        _session,
+        _timeout,
+        _out,
+    )
+    def handle_map(self, args: argparse.Namespace, cell: str | None) -> MapResult | None:
+        """Run NAME once per item of the list VAR, in parallel, with a progress bar.
+
+        Returns the results in input order (a failed item holds its exception; see
+        .errors); key=value inputs go to every call. Failures do not stop the others.
+
+        Example: %dspool map square --over numbers --out squares
+        """
+        if args.arg and args.unpack:
+            raise UsageError("use either --arg K or --unpack, not both")
+        if args.over not in self.user_ns:
+            raise UsageError(f"no variable {args.over!r} in the notebook; --over takes a list")
+        source = self.user_ns[args.over]
+        if isinstance(source, (str, bytes, dict)):
+            raise UsageError(
+                f"{args.over!r} is a {type(source).__name__}; --over takes a list of items"
+            )
+        try:
+            items = list(source)
+        except TypeError:
+            raise UsageError(
+                f"{args.over!r} ({type(source).__name__}) is not a list of items"
+            ) from None
+        call_args, common = parse_inputs(args.inputs)
+        pool = self._pool()
+        self._resolve(pool, args.name, args.session)
+        progress = _Progress(f"map {args.name}", len(items))
+        shown = _display(progress, display_id=True) if self._in_kernel() else None
+        lock = threading.Lock()
+        finished = threading.Event()
+        counts = [0, 0]  # done, failed
+
+        def count(future: concurrent.futures.Future[Any]) -> None:
+            with lock:
+                counts[0] += 1
+                if future.cancelled() or future.exception() is not None:
+                    counts[1] += 1
+                if counts[0] >= len(items):
+                    finished.set()
+
+        futures: list[concurrent.futures.Future[Any]] = []
+        try:
+            for item in items:
+                futures.append(self._submit_item(pool, args, item, call_args, common))
+                futures[-1].add_done_callback(count)
+            if not items:
+                finished.set()
+            while not finished.wait(PROGRESS_INTERVAL):
+                self._show_progress(shown, progress, counts)
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            progress.note = "interrupted: the remaining calls were cancelled"
+            self._show_progress(shown, progress, counts)
+            raise
+        self._show_progress(shown, progress, counts)
+        values: list[Any] = []
+        errors: dict[int, BaseException] = {}
+        for index, future in enumerate(futures):
+            try:
+                values.append(future.result())
+            except concurrent.futures.CancelledError as exc:
+                errors[index] = exc
+                values.append(exc)
+            except Exception as exc:
+                errors[index] = exc
+                values.append(exc)
+        result = MapResult(values, errors)
+        if errors:
+            lines = [f"{len(errors)} of {len(items)} calls failed:"]
+            for index in list(errors)[:SHOWN_MAP_ERRORS]:
+                error = errors[index]
+                lines.append(f"  [{index}] {type(error).__name__}: {error}")
+            if len(errors) > SHOWN_MAP_ERRORS:
+                lines.append(f"  ... ({len(errors) - SHOWN_MAP_ERRORS} more in .errors)")
+            sys.stdout.write("\n".join(lines) + "\n")
+        if args.out is not None:
+            self.user_ns[args.out] = result
+            return None
+        return result
+
+    def _submit_item(
+        self,
+        pool: Pool,
+        args: argparse.Namespace,
+        item: Any,
+        call_args: list[Any],
+        common: dict[str, Any],
+    ) -> concurrent.futures.Future[Any]:
+        positional = list(call_args)
+        kwargs = dict(common)
+        if args.arg:
+            kwargs[args.arg] = item
+        elif args.unpack:
+            if isinstance(item, dict):
+                kwargs.update(item)
+            elif isinstance(item, (tuple, list)):
+                positional.extend(item)
+            else:
+                return _failed(TypeError(f"--unpack: cannot unpack a {type(item).__name__}"))
+        else:
+            positional.append(item)
+        return pool.submit(
+            args.name, *positional, session=args.session, timeout=args.timeout, **kwargs
+        )
+
+    @staticmethod
+    def _show_progress(shown: Any, progress: _Progress, counts: list[int]) -> None:
+        progress.done, progress.failed = counts[0], counts[1]
+        if shown is not None:
+            shown.update(progress)
+
+    @_subcommand(
+        "dspool lm",
+        _arg("model", metavar="MODEL", type=_text, help="the LM, e.g. openai/gpt-4o-mini"),
+        _inputs,
+    )
+    def handle_lm(self, args: argparse.Namespace, cell: str | None) -> None:
+        """Configure one DSPy LM in every worker, later ones included (the dspy extra).
+
+        Example: %dspool lm openai/gpt-4o-mini temperature=0.2 max_tokens=500
+        """
+        call_args, kwargs = parse_inputs(args.inputs)
+        if call_args:
+            raise UsageError(f"lm takes key=value settings after MODEL, not {call_args[0]!r}")
+        pool = self._pool(preload=("dspy",))
+        try:
+            pool.configure_lm(args.model, **kwargs)
+        except ProgramError:
+            raise
+        except (DspoolError, ValueError, TypeError, ImportError) as exc:
+            raise UsageError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+        sys.stdout.write(f"every worker uses LM {args.model!r}\n")
+
+    @_subcommand(
+        "dspool status",
+        _arg(
+            "--interval",
+            metavar="S",
+            type=_positive,
+            help=f"seconds between refreshes (default {DEFAULT_INTERVAL})",
+        ),
+        _arg("--text", action="store_true", help="print a text table instead"),
+    )
+    def handle_status(self, args: argparse.Namespace, cell: str | None) -> None:
+        """Show the live status of the pool: workers, their state, recent failed calls."""
+        pool = current_pool()
+        if pool is None:
+            sys.stdout.write("dspool: no pool is running (%dspool start starts one)\n")
+            return
+        view = self._status_view(pool)
+        if args.interval is not None:
+            view.interval = args.interval
+        if args.text:
+            sys.stdout.write(render_text(view.refresh()) + "\n")
+            return
+        view.show()
+
+    @_subcommand("dspool programs", _session)
+    def handle_programs(self, args: argparse.Namespace, cell: str | None) -> None:
+        """List the programs a call (in --session S) can run."""
+        pool = current_pool()
+        try:
+            if pool is not None:
+                names = pool.programs(args.session)
+            else:
+                from .store import ProgramStore
+
+                store = ProgramStore(None)
+                try:
+                    names = store.names(args.session)
+                finally:
+                    store.close()
+        except DspoolError as exc:
+            raise UsageError(str(exc)) from None
+        if not names:
+            sys.stdout.write("no programs (define one with %%dspool program NAME)\n")
+        else:
+            sys.stdout.write("\n".join(names) + "\n")
+
+    @_subcommand("dspool errors")
+    def handle_errors(self, args: argparse.Namespace, cell: str | None) -> None:
+        """Show the pool's recent failed calls with their tracebacks."""
+        pool = current_pool()
+        if pool is None:
+            sys.stdout.write("dspool: no pool is running\n")
+            return
+        failures = tuple(reversed(pool.status().recent_failures))
+        if not failures:
+            sys.stdout.write("no failed calls\n")
+            return
+        _display(FailuresView(failures))
+
+    @_subcommand(
+        "dspool restart",
+        _arg("worker", metavar="WORKER", nargs="?", type=_text, help="e.g. w2"),
+    )
+    def handle_restart(self, args: argparse.Namespace, cell: str | None) -> None:
+        """Restart one worker (its running call fails), or the whole pool without WORKER."""
+        pool = current_pool()
+        if pool is None:
+            raise UsageError("no pool is running; start one with %dspool start")
+        try:
+            if args.worker is None:
+                pool.restart()
+                sys.stdout.write("restarting every worker\n")
+            else:
+                pool.restart_worker(args.worker)
+                sys.stdout.write(f"restarting worker {args.worker}\n")
+        except UnknownWorker as exc:
+            raise UsageError(str(exc)) from None
+
+    @_subcommand("dspool stop")
+    def handle_stop(self, args: argparse.Namespace, cell: str | None) -> None:
+        """Stop the pool: every worker exits; pending calls fail with PoolClosed."""
+        pool = current_pool()
+        if pool is None:
+            sys.stdout.write("dspool: no pool is running\n")
+            return
+        pool.close()
+        sys.stdout.write("dspool: pool stopped\n")
+
+
+def _failed(error: BaseException) -> concurrent.futures.Future[Any]:
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    future.set_exception(error)
+    return future
+
+
+_OVERVIEW = """Run programs on the kernel's pool of worker processes.
+
+    %dspool start [--workers N] [--store PATH] [--preload mod1,mod2] [--timeout S]
+    %%dspool program NAME [--session S] [--entry FUNC]     (cell: Python source)
+    %%dspool signature NAME [--module Predict|ChainOfThought] [--session S]
+    %dspool run NAME [key=value ...] [--session S] [--timeout S] [--bg] [--out VAR]
+    %%dspool run NAME [--session S] [--bg]        (cell: JSON object or key = value lines)
+    %dspool map NAME --over VAR [key=value ...] [--arg K | --unpack] [--out VAR]
+    %dspool lm MODEL [key=value ...]
+    %dspool status | programs | errors | restart [WORKER] | stop
+
+Commands that need a pool start one with the defaults when there is none. Values are
+Python literals, else text. `%dspool SUBCOMMAND --help` shows one subcommand's help.
+
+Examples:
+
+    %load_ext dspool_jupyter
+    %dspool start --workers 4
+
+    %%dspool program square
+    def square(x):
+        return x * x
+
+    %dspool run square x=7
+    %dspool run square x=7 --bg --out job     # job.result() later
+    numbers = list(range(100))
+    %dspool map square --over numbers --out squares
+"""
+
+
+def _help() -> str:
+    parts = [_OVERVIEW]
+    for sub in SUBCOMMANDS:
+        doc = getattr(DspoolMagics, f"handle_{sub}").__doc__ or ""
+        parts.append(doc.replace("::\n\n  ", "", 1).rstrip() + "\n")
+    return "\n".join(parts)
+
+
+DspoolMagics.dspool.__doc__ = _help()
+
+
+# ------------------------------------------------------------------------ registration
+
+_registered: dict[int, DspoolMagics] = {}
+
+
+def register(ipython: Any) -> DspoolMagics:
+    """Register the magics and their cell hooks with ``ipython`` (idempotent)."""
+    magics = _registered.get(id(ipython))
+    if magics is not None:
+        return magics
+    magics = DspoolMagics(ipython)
+    ipython.register_magics(magics)
+    ipython.events.register("pre_run_cell", magics.pre_run_cell)
+    ipython.events.register("post_run_cell", magics.post_run_cell)
+    _registered[id(ipython)] = magics
+    return magics
+
+
+def unregister(ipython: Any) -> None:
+    """Remove the magics and hooks from ``ipython``; the pool keeps running."""
+    magics = _registered.pop(id(ipython), None)
+    if magics is None:
+        return
+    for kind in ("line", "cell"):
+        ipython.magics_manager.magics[kind].pop("dspool", None)
+    ipython.magics_manager.registry.pop(type(magics).__name__, None)
+    for event, callback in (
+        ("pre_run_cell", magics.pre_run_cell),
+        ("post_run_cell", magics.post_run_cell),
+    ):
+        try:
+            ipython.events.unregister(event, callback)
+        except ValueError:
+            pass
