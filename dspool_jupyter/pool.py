@@ -104,6 +104,8 @@ CLOSE_TIMEOUT = 5.0  # seconds close() waits for the template to stop its worker
 DEFAULT_MAX_RESULT_BYTES = 1 << 30  # a larger pickled result is an error, not a transfer
 RECENT_FAILURES = 50  # failed calls kept for status()
 PIPELINE_DEPTH = 2  # calls sent to one worker at once: one runs, one waits in its socket
+PIPELINE_SHORT_CALL = 0.005  # seconds: only behind a program this fast may a call wait
+DURATION_MEMORY = 4096  # programs whose typical run time the pool remembers
 READ_CHUNK = 1 << 20  # bytes read from a worker socket at once
 OWNER_ENV = "DSPOOL_POOL_TOKEN"  # set in every pool process's environment (leak checks)
 
@@ -313,6 +315,7 @@ class Pool:
         self._idle: collections.deque[_Worker] = collections.deque()
         self._queue: collections.deque[_Call] = collections.deque()
         self._homes: dict[str, _Worker] = {}
+        self._durations: dict[str, float] = {}  # program id -> typical run time (s)
         self._template: _Template | None = None
         self._template_failures = 0
         self._startup_failures = 0
@@ -999,11 +1002,22 @@ class Pool:
 
     def _has_room(self, worker: _Worker) -> bool:
         inflight = worker.inflight
-        # Nothing waits behind a call with a timeout: its worker may be killed for it.
-        return not inflight or (len(inflight) < PIPELINE_DEPTH and inflight[-1].timeout is None)
+        if not inflight:
+            return True
+        last = inflight[-1]
+        # A call waits in a worker's socket only behind a call known to be short: behind
+        # a long one it would wait even when another worker frees up (head-of-line), and
+        # behind one with a timeout the worker may be killed for it.
+        # (Short: its program usually is, and this call has not run long yet.)
+        return (
+            len(inflight) < PIPELINE_DEPTH
+            and last.timeout is None
+            and self._durations.get(last.program_id, PIPELINE_SHORT_CALL) < PIPELINE_SHORT_CALL
+            and (last.started == 0.0 or time.monotonic() - last.started < PIPELINE_SHORT_CALL)
+        )
 
     def _pipeline_candidate(self) -> _Worker | None:
-        """A busy worker that can take one more call behind its current one.
+        """A busy worker that can take one more call behind its current (short) one.
 
         Only asked when no worker is idle, so a call never waits behind another while
         a worker is free; it saves the round trip between two calls under load.
@@ -1126,6 +1140,12 @@ class Pool:
             self._running(worker.inflight[0])
         future = call.future
         elapsed = time.monotonic() - call.started
+        typical = self._durations.get(call.program_id)
+        if typical is None and len(self._durations) >= DURATION_MEMORY:
+            self._durations.clear()
+        self._durations[call.program_id] = (
+            elapsed if typical is None else 0.7 * typical + 0.3 * elapsed
+        )
         if kind == protocol.RESULT:
             worker.calls += 1
             future.stdout, future.stderr = meta[1], meta[2]

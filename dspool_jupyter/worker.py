@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import gc
 import importlib
 import io
 import json
@@ -405,6 +406,9 @@ class _Template:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         started = time.monotonic()
         errors = self.preload()
+        # What the template imported is shared with every worker; keep the collector off
+        # it so that a worker's first collection does not copy those pages (fork CoW).
+        gc.freeze()
         protocol.send_control(
             self.control,
             {

@@ -533,3 +533,29 @@ def test_a_corrupt_store_is_a_clear_error(tmp_path: Path) -> None:
     (path / "cache.db").write_bytes(b"not a database" * 1000)
     with pytest.raises(StoreError, match="cannot open the program store at .*corrupt"):
         Pool(workers=1, store=path)
+
+
+def test_no_call_waits_behind_a_long_one_while_a_worker_is_free(pool: Pool) -> None:
+    pool.define("sleepy", SLEEPY)
+    for _ in range(5):
+        pool.run("sleepy", 0)  # the pool learns that sleepy is usually short
+    long_call = pool.submit("sleepy", 3.0)
+    short_call = pool.submit("sleepy", 0.2)
+    wait_for(lambda: long_call.running() and short_call.running())
+    time.sleep(0.02)
+    started = time.monotonic()
+    pool.run("sleepy", 0)  # both busy now; the short one frees its worker first
+    assert time.monotonic() - started < 1.5
+    assert not long_call.done()
+
+
+def test_pipelined_calls_behind_a_crash_run_elsewhere(pool: Pool) -> None:
+    pool.define("inc", INC)
+    pool.define("exit_now", EXIT)
+    for _ in range(20):
+        pool.run("inc", 1)  # inc is short: calls may wait in a busy worker's socket
+    futures = [pool.submit("inc", i) for i in range(500)]
+    crash = pool.submit("exit_now")
+    futures += [pool.submit("inc", i) for i in range(500, 1000)]
+    assert [f.result(30) for f in futures] == [i + 1 for i in range(1000)]
+    assert isinstance(crash.exception(30), WorkerCrashed)
