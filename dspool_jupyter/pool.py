@@ -97,7 +97,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats
-SUPERVISE_INTERVAL = 0.02  # seconds between checks of deadlines (timeouts, cancels)
+SUPERVISE_IDLE = 1.0  # seconds the supervisor sleeps when no deadline is pending
 CANCEL_GRACE = 2.0  # seconds a program gets to stop after SIGINT before its worker is killed
 EXIT_STATUS_WAIT = 0.5  # seconds to wait for a dead worker's exit code before reporting
 CLOSE_TIMEOUT = 5.0  # seconds close() waits for the template to stop its workers
@@ -309,6 +309,12 @@ class Pool:
         self._closed = False
         self._closing = False
         self._ready_cond = threading.Condition()
+        # Guards the dispatcher state below. The dispatcher thread holds it in each of its
+        # callbacks; a caller's submit takes it to hand a call straight to an idle worker
+        # (one thread hop less than going through the inbox). Re-entrant: an event
+        # subscriber may submit.
+        self._lock = threading.RLock()
+        self._loop_thread: int | None = None
 
         # Dispatcher state: touched only on the dispatcher thread (status() only reads).
         self._workers: dict[str, _Worker] = {}
@@ -316,6 +322,7 @@ class Pool:
         self._queue: collections.deque[_Call] = collections.deque()
         self._homes: dict[str, _Worker] = {}
         self._durations: dict[str, float] = {}  # program id -> typical run time (s)
+        self._next_due: float | None = None  # the supervisor's next deadline (monotonic)
         self._template: _Template | None = None
         self._template_failures = 0
         self._startup_failures = 0
@@ -516,6 +523,13 @@ class Pool:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         call = _Call(next(self._ids), program, program_id, session, blob, future, timeout)
         future._call = call
+        if self._loop_thread is not None and not self._inbox:
+            # Straight to a worker (or the queue) from this thread; with commands still
+            # in the inbox, go behind them so one thread's calls keep their order.
+            with self._lock:
+                if not self._closing:
+                    self._enqueue(call)
+                    return future
         self._post(("call", call))
         if self._closed and not future.done():  # lost a race with close()
             future.set_exception(PoolClosed())
@@ -536,10 +550,12 @@ class Pool:
         """
         future = self.submit(program, *args, session=session, timeout=timeout, **kwargs)
         try:
-            concurrent.futures.wait([future])
+            future.exception()  # waits (concurrent.futures.wait costs more per call)
         except KeyboardInterrupt:
             future.cancel()
             raise
+        except concurrent.futures.CancelledError:
+            pass  # result() below raises it
         _echo_output(future)
         return future.result()
 
@@ -664,7 +680,8 @@ class Pool:
         except BaseException as exc:  # the pool must never take the kernel down
             self._loop_error = exc
             log.exception("dspool pool dispatcher stopped")
-            self._fail_everything(DspoolError(f"the pool's dispatcher failed: {exc!r}"))
+            with self._lock:
+                self._fail_everything(DspoolError(f"the pool's dispatcher failed: {exc!r}"))
         finally:
             self._closed = True
             self._closing = True
@@ -678,14 +695,17 @@ class Pool:
         # template's) stay registered with the event loop for their whole life and are
         # served by callbacks: no task switch and no epoll re-registration per call.
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._stop = anyio.Event()
+        self._supervisor_wake = anyio.Event()
         async with anyio.create_task_group() as tg:
             self._tg = tg
             self._loop.add_reader(self._wake_r.fileno(), self._on_wake)
             try:
-                self._start_template()
-                for _ in range(self.target):
-                    self._spawn_worker()
+                with self._lock:
+                    self._start_template()
+                    for _ in range(self.target):
+                        self._spawn_worker()
                 tg.start_soon(self._supervise)
                 await self._stop.wait()
             finally:
@@ -695,22 +715,23 @@ class Pool:
                 tg.cancel_scope.cancel()
 
     def _on_wake(self) -> None:
-        try:
-            self._wake_r.recv(4096)
-        except BlockingIOError:
-            pass
-        # Cleared after draining the wake-up bytes and before reading the inbox, so a
-        # command posted at any moment is either read below or sends a new byte.
-        self._wake_pending = False
-        while self._inbox and not self._stop.is_set():
-            command = self._inbox.popleft()
-            if command[0] == "close":
-                self._stop.set()
-                return
+        with self._lock:
             try:
-                self._handle(command)
-            except Exception:
-                log.exception("dspool pool failed on %r", command[0])
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+            # Cleared after draining the wake-up bytes and before reading the inbox, so a
+            # command posted at any moment is either read below or sends a new byte.
+            self._wake_pending = False
+            while self._inbox and not self._stop.is_set():
+                command = self._inbox.popleft()
+                if command[0] == "close":
+                    self._stop.set()
+                    return
+                try:
+                    self._handle(command)
+                except Exception:
+                    log.exception("dspool pool failed on %r", command[0])
 
     def _handle(self, command: tuple[Any, ...]) -> None:
         op = command[0]
@@ -791,24 +812,25 @@ class Pool:
         self._loop.add_reader(pool_end.fileno(), self._on_control_readable, template)
 
     def _on_control_readable(self, template: _Template) -> None:
-        while True:
-            try:
-                received = protocol.recv_control(template.control)
-            except BlockingIOError:
-                return
-            except (OSError, protocol.ProtocolError):
-                received = None
-            if received is None:
-                self._loop.remove_reader(template.control.fileno())
-                self._on_template_lost(template)
-                return
-            message, fds = received
-            for fd in fds:
-                os.close(fd)
-            try:
-                self._on_control(template, message)
-            except Exception:
-                log.exception("dspool pool failed on a template message")
+        with self._lock:
+            while True:
+                try:
+                    received = protocol.recv_control(template.control)
+                except BlockingIOError:
+                    return
+                except (OSError, protocol.ProtocolError):
+                    received = None
+                if received is None:
+                    self._loop.remove_reader(template.control.fileno())
+                    self._on_template_lost(template)
+                    return
+                message, fds = received
+                for fd in fds:
+                    os.close(fd)
+                try:
+                    self._on_control(template, message)
+                except Exception:
+                    log.exception("dspool pool failed on a template message")
 
     def _on_control(self, template: _Template, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -865,11 +887,12 @@ class Pool:
     async def _restart_template_later(self, delay: float) -> None:
         if delay:
             await anyio.sleep(delay)
-        if self._closing or self._template is not None:
-            return
-        self._start_template()
-        for _ in range(self._workers_wanted()):
-            self._spawn_worker()
+        with self._lock:
+            if self._closing or self._template is not None:
+                return
+            self._start_template()
+            for _ in range(self._workers_wanted()):
+                self._spawn_worker()
 
     def _workers_wanted(self) -> int:
         return self.target - sum(1 for w in self._workers.values() if w.state != "dead")
@@ -911,25 +934,26 @@ class Pool:
         return worker
 
     def _on_worker_readable(self, worker: _Worker) -> None:
-        try:
-            while worker.state != "dead":
-                try:
-                    data = worker.sock.recv(READ_CHUNK)
-                except BlockingIOError:
-                    return
-                if not data:
-                    break
-                for kind, meta, blob in worker.reader.feed(data):
-                    self._on_frame(worker, kind, meta, blob)
-        except OSError:
-            pass
-        except protocol.ProtocolError as exc:
-            self._last_error = f"worker {worker.id} broke the protocol: {exc}"
-            self._kill(worker, "crashed")
-        except Exception:
-            log.exception("dspool pool failed on a message from worker %s", worker.id)
-            return
-        self._on_worker_lost(worker)
+        with self._lock:
+            try:
+                while worker.state != "dead":
+                    try:
+                        data = worker.sock.recv(READ_CHUNK)
+                    except BlockingIOError:
+                        return
+                    if not data:
+                        break
+                    for kind, meta, blob in worker.reader.feed(data):
+                        self._on_frame(worker, kind, meta, blob)
+            except OSError:
+                pass
+            except protocol.ProtocolError as exc:
+                self._last_error = f"worker {worker.id} broke the protocol: {exc}"
+                self._kill(worker, "crashed")
+            except Exception:
+                log.exception("dspool pool failed on a message from worker %s", worker.id)
+                return
+            self._on_worker_lost(worker)
 
     def _on_frame(self, worker: _Worker, kind: int, meta: tuple[Any, ...], blob: bytes) -> None:
         if kind == protocol.RESULT or kind == protocol.ERROR:
@@ -1085,13 +1109,17 @@ class Pool:
     def _running(self, call: _Call) -> None:
         """``call`` is now the one its worker runs: its timeout starts."""
         call.started = time.monotonic()
-        call.deadline = call.started + call.timeout if call.timeout is not None else None
+        if call.timeout is not None:
+            call.deadline = call.started + call.timeout
+            self._due(call.deadline)
+        else:
+            call.deadline = None
         assert call.worker is not None
         call.future.worker_id = call.worker.id
         if call.future.cancelled():
             self._cancel(call)  # cancelled while it waited in the worker's socket
         if self._bus.active:
-            self._bus.emit(
+            self._emit(
                 CallStarted(
                     call_id=call.id,
                     program=call.program,
@@ -1099,6 +1127,16 @@ class Pool:
                     session=call.session,
                 )
             )
+
+    def _in_loop(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def _emit(self, event: Event) -> None:
+        """Emit on the dispatcher thread, as subscribers are promised, from any thread."""
+        if self._in_loop():
+            self._bus.emit(event)
+        else:
+            self._loop.call_soon_threadsafe(self._bus.emit, event)
 
     def _send(self, worker: _Worker, frame: bytes) -> None:
         if worker.outbox:  # an earlier frame is still part-way out: keep the order
@@ -1112,23 +1150,32 @@ class Pool:
             return  # the worker is gone; its reader fails the call
         if sent < len(frame):
             worker.outbox.append(memoryview(frame)[sent:])
-            self._loop.add_writer(worker.sock.fileno(), self._on_worker_writable, worker)
+            if self._in_loop():
+                self._loop.add_writer(worker.sock.fileno(), self._on_worker_writable, worker)
+            else:
+                self._loop.call_soon_threadsafe(self._watch_writable, worker)
+
+    def _watch_writable(self, worker: _Worker) -> None:
+        with self._lock:
+            if worker.outbox and worker.sock.fileno() != -1:
+                self._loop.add_writer(worker.sock.fileno(), self._on_worker_writable, worker)
 
     def _on_worker_writable(self, worker: _Worker) -> None:
-        while worker.outbox:
-            view = worker.outbox[0]
-            try:
-                sent = worker.sock.send(view)
-            except BlockingIOError:
-                return
-            except OSError:
-                worker.outbox.clear()
-                break
-            if sent < len(view):
-                worker.outbox[0] = view[sent:]
-                return
-            worker.outbox.popleft()
-        self._loop.remove_writer(worker.sock.fileno())
+        with self._lock:
+            while worker.outbox:
+                view = worker.outbox[0]
+                try:
+                    sent = worker.sock.send(view)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    worker.outbox.clear()
+                    break
+                if sent < len(view):
+                    worker.outbox[0] = view[sent:]
+                    return
+                worker.outbox.popleft()
+            self._loop.remove_writer(worker.sock.fileno())
 
     def _on_reply(self, worker: _Worker, kind: int, meta: tuple[Any, ...], blob: bytes) -> None:
         call = worker.call
@@ -1239,6 +1286,7 @@ class Pool:
         if worker is None or worker.call is not call or worker.pid is None:
             return  # still queued: dispatch skips it, or cancels it when it starts
         call.cancel_deadline = time.monotonic() + CANCEL_GRACE
+        self._due(call.cancel_deadline)
         try:
             os.kill(worker.pid, signal.SIGINT)
         except ProcessLookupError:
@@ -1298,6 +1346,7 @@ class Pool:
             else:
                 worker.lost_call = call
         worker.lost_at = time.monotonic()
+        self._due(worker.lost_at + EXIT_STATUS_WAIT)
         self._dying[worker.id] = worker
         if worker.exited or worker.pid is None:
             self._finish_lost(worker)
@@ -1323,8 +1372,9 @@ class Pool:
 
     async def _spawn_later(self, delay: float, replacing: str) -> None:
         await anyio.sleep(delay)
-        if self._workers_wanted() > 0:
-            self._spawn_worker(replacing=replacing)
+        with self._lock:
+            if self._workers_wanted() > 0:
+                self._spawn_worker(replacing=replacing)
 
     def _finish_lost(self, worker: _Worker) -> None:
         """Report a lost worker once its exit status is known (or waited for long enough)."""
@@ -1357,29 +1407,58 @@ class Pool:
             )
 
     async def _supervise(self) -> None:
+        """Act on deadlines (timeouts, cancel graces, exit codes) exactly when they fall.
+
+        It sleeps until the nearest deadline instead of ticking, so it does not wake the
+        dispatcher (and delay a call) while nothing is due.
+        """
         while True:
-            await anyio.sleep(SUPERVISE_INTERVAL)
+            self._supervisor_wake = anyio.Event()
+            self._next_due = self._check_deadlines()
+            delay = SUPERVISE_IDLE if self._next_due is None else self._next_due - time.monotonic()
+            with anyio.move_on_after(max(0.0, delay)):
+                await self._supervisor_wake.wait()
+
+    def _due(self, when: float) -> None:
+        """A new deadline: wake the supervisor if it sleeps past it."""
+        if not self._in_loop():
+            self._loop.call_soon_threadsafe(self._due, when)
+            return
+        if self._next_due is None or when < self._next_due:
+            self._next_due = when
+            self._supervisor_wake.set()
+
+    def _check_deadlines(self) -> float | None:
+        with self._lock:
             now = time.monotonic()
+            next_due: float | None = None
             for worker in list(self._workers.values()):
                 call = worker.call
                 if call is None or worker.state not in ("busy", "stopping"):
                     continue
-                if (
-                    call.deadline is not None
-                    and now >= call.deadline
-                    and call.cancel_deadline is None
-                ):
-                    self._fail(
-                        call, CallTimeout(call.program, worker.id, call.timeout or 0), worker.id
-                    )
-                    self._kill(worker, "timeout")
-                    call.deadline = None
-                elif call.cancel_deadline is not None and now >= call.cancel_deadline:
-                    call.cancel_deadline = None
-                    self._kill(worker, "cancel")
+                if call.deadline is not None and call.cancel_deadline is None:
+                    if now >= call.deadline:
+                        self._fail(
+                            call, CallTimeout(call.program, worker.id, call.timeout or 0), worker.id
+                        )
+                        self._kill(worker, "timeout")
+                        call.deadline = None
+                        continue
+                    next_due = call.deadline if next_due is None else min(next_due, call.deadline)
+                if call.cancel_deadline is not None:
+                    if now >= call.cancel_deadline:
+                        call.cancel_deadline = None
+                        self._kill(worker, "cancel")
+                        continue
+                    when = call.cancel_deadline
+                    next_due = when if next_due is None else min(next_due, when)
             for worker in list(self._dying.values()):
-                if now - worker.lost_at >= EXIT_STATUS_WAIT:
+                when = worker.lost_at + EXIT_STATUS_WAIT
+                if now >= when:
                     self._finish_lost(worker)
+                else:
+                    next_due = when if next_due is None else min(next_due, when)
+            return next_due
 
     def _restart_all(self) -> None:
         template = self._template
@@ -1404,49 +1483,55 @@ class Pool:
             self._spawn_worker()
 
     async def _shutdown(self) -> None:
-        self._closing = True
-        error = PoolClosed("the pool was closed before the call ran")
-        while self._inbox:  # commands that came after "close"
-            command = self._inbox.popleft()
-            if command[0] == "call":
-                self._fail(command[1], error)
-            elif command[0] == "setup":
-                command[3].set_result([])
-        while self._queue:
-            self._fail(self._queue.popleft(), error)
-        for worker in list(self._workers.values()):
-            while worker.queue:
-                self._fail(worker.queue.popleft(), error)
-        template = self._template
+        with self._lock:
+            self._closing = True
+            error = PoolClosed("the pool was closed before the call ran")
+            while self._inbox:  # commands that came after "close"
+                command = self._inbox.popleft()
+                if command[0] == "call":
+                    self._fail(command[1], error)
+                elif command[0] == "setup":
+                    command[3].set_result([])
+            while self._queue:
+                self._fail(self._queue.popleft(), error)
+            for worker in list(self._workers.values()):
+                while worker.queue:
+                    self._fail(worker.queue.popleft(), error)
+            template = self._template
+            if template is not None:
+                try:
+                    protocol.send_control(template.control, {"op": "stop"})
+                except OSError:
+                    pass
         if template is not None:
-            try:
-                protocol.send_control(template.control, {"op": "stop"})
-            except OSError:
-                pass
             with anyio.move_on_after(CLOSE_TIMEOUT):
                 while template.process.poll() is None:
                     await anyio.sleep(0.01)
-            if template.process.poll() is None:
-                _kill_process_group(template.process)
-            if template.control.fileno() != -1:
-                self._loop.remove_reader(template.control.fileno())
-                template.control.close()
-        for worker in list(self._workers.values()):
-            for call in worker.inflight:
-                self._fail(call, PoolClosed("the pool was closed while the call ran"), worker.id)
-            self._close_worker_socket(worker)
-        for worker in list(self._dying.values()):
-            self._finish_lost(worker)
-        try:
-            self.store.clear_session(self._setup_session)
-        except DspoolError:
-            log.warning("dspool: could not remove this pool's set-ups from the store")
-        with self._ready_cond:
-            self._ready_count = 0
-            self._ready_cond.notify_all()
-        self._closed = True
-        if self._bus.active:
-            self._bus.emit(PoolClosedEvent())
+        with self._lock:
+            if template is not None:
+                if template.process.poll() is None:
+                    _kill_process_group(template.process)
+                if template.control.fileno() != -1:
+                    self._loop.remove_reader(template.control.fileno())
+                    template.control.close()
+            for worker in list(self._workers.values()):
+                for call in worker.inflight:
+                    self._fail(
+                        call, PoolClosed("the pool was closed while the call ran"), worker.id
+                    )
+                self._close_worker_socket(worker)
+            for worker in list(self._dying.values()):
+                self._finish_lost(worker)
+            try:
+                self.store.clear_session(self._setup_session)
+            except DspoolError:
+                log.warning("dspool: could not remove this pool's set-ups from the store")
+            with self._ready_cond:
+                self._ready_count = 0
+                self._ready_cond.notify_all()
+            self._closed = True
+            if self._bus.active:
+                self._bus.emit(PoolClosedEvent())
 
     def _fail_everything(self, error: BaseException) -> None:
         calls: list[_Call] = list(self._queue)
