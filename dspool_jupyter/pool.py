@@ -1210,6 +1210,7 @@ class Pool:
             else:
                 error = None
                 self._calls_done += 1
+                future._call = None  # break the future <-> call cycle: no GC work per call
                 if not future.done():
                     future.set_result(value)
                 if self._bus.active:
@@ -1253,6 +1254,7 @@ class Pool:
 
     def _fail(self, call: _Call, error: BaseException, worker_id: str | None = None) -> None:
         call.blob = b""
+        call.future._call = None
         if call.future.done():
             return
         call.future.set_exception(error)
