@@ -92,7 +92,11 @@ class WorkerIdle(Event):
 
 @dataclass(slots=True)
 class WorkerDied(Event):
-    """A worker process is gone; ``reason`` is 'crashed', 'timeout', 'restart' or 'cancel'."""
+    """A worker process is gone.
+
+    ``reason`` is 'crashed', 'timeout', 'restart', 'cancel' or 'close' (stopped with its
+    pool).
+    """
 
     kind: ClassVar[str] = "worker_died"
     worker_id: str

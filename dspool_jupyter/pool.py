@@ -596,7 +596,7 @@ class Pool:
             for w in list(self._workers.values())
             if w.state != "dead"
         )
-        if self._closed:
+        if self._closed or self._closing:
             state = "closed"
         elif self._ready_count >= self.target:
             state = "healthy"
@@ -1341,6 +1341,8 @@ class Pool:
         for queued in waiting:
             queued.worker = None
             queued.future.worker_id = None
+        if worker.kill_reason is None and self._closing:
+            worker.kill_reason = "close"  # stopped with the pool, not dead
         reason = worker.kill_reason or "crashed"
         if call is not None and not call.future.done():
             if reason == "timeout":

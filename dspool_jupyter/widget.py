@@ -188,6 +188,8 @@ def build_model(
             state, note = "stopped", "pool closed"
         elif gone.reason == "restart":
             state, note = "stopped", "restarted"
+        elif gone.reason == "close":
+            state, note = "stopped", "pool closed"
         else:
             state = "dead"
             if gone.reason in ("timeout", "cancel"):
