@@ -395,7 +395,8 @@ def test_forced_cross_worker_run(pool: Pool) -> None:
     pool.define("sleepy", SLEEPY)
     busy = [pool.submit("sleepy", 0.3) for _ in range(2)]
     wait_for(lambda: all(f.running() for f in busy))
-    pool.define("late", INC, entry="inc")  # no worker has seen it
+    # no worker has seen it; each call lasts long enough that both workers serve some
+    pool.define("late", "import time\ndef late(x):\n    time.sleep(0.05)\n    return x + 1\n")
     futures = [pool.submit("late", i) for i in range(10)]
     assert [f.result(10) for f in futures] == list(range(1, 11))
     assert len({f.worker_id for f in futures}) == 2
