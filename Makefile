@@ -2,8 +2,10 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The example notebooks under nbval: every cell's outputs are compared with the saved ones.
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks/
 
-.PHONY: install run test lint
+.PHONY: install run test lint notebooks
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -12,7 +14,10 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 
+# The main job: every example notebook, top to bottom in a fresh kernel (executed copies
+# in build/notebooks/), then the plain-Python quickstart.
 run: install
+	$(BIN)/python notebooks/run_all.py
 	$(BIN)/python examples/quickstart.py
 
 lint: install
@@ -23,3 +28,8 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+	$(BIN)/pytest $(NBVAL)
+
+# Re-execute the notebooks in place: refreshes the outputs that nbval compares against.
+notebooks: install
+	$(BIN)/python notebooks/run_all.py --inplace
