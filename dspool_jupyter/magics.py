@@ -121,7 +121,7 @@ SUBCOMMANDS = (
 )
 SYNTAX = {
     "start": "%dspool start [--workers N] [--store PATH] [--preload mod1,mod2] [--timeout S]"
-    " [--no-wait]",
+    " [--dask ADDRESS] [--no-wait]",
     "program": "%%dspool program NAME [--session S] [--entry FUNC], source in the cell",
     "signature": "%%dspool signature NAME [--module Predict|ChainOfThought] [--session S],"
     " the signature in the cell",
@@ -639,17 +639,30 @@ class DspoolMagics(Magics):
         _arg("--store", metavar="PATH", type=_text, help="program store directory"),
         _arg("--preload", metavar="MODS", type=_text, help="modules to import once, a,b"),
         _arg("--timeout", metavar="S", type=_positive, help="default per-call timeout (seconds)"),
+        _arg(
+            "--dask",
+            metavar="ADDRESS",
+            type=_text,
+            help="run on the Dask cluster at ADDRESS (tcp://host:8786); 'local': a LocalCluster",
+        ),
         _arg("--no-wait", action="store_true", help="return before the workers are ready"),
     )
     def handle_start(self, args: argparse.Namespace, cell: str | None) -> None:
         """Start the kernel's pool (closing the one %dspool start made before) and show it.
 
         Waits until every worker is ready (the status widget shows the progress) unless
-        --no-wait; calls made before then queue.
+        --no-wait; calls made before then queue. --dask ADDRESS runs the same pool on the
+        workers of a Dask cluster (the dask extra; --workers is then how many to wait for,
+        by default all of them); programs still live in this kernel's store.
 
         Example: %dspool start --workers 4 --preload numpy,dspy --timeout 120
+        Example: %dspool start --dask tcp://scheduler:8786
         """
         options: dict[str, Any] = {"workers": args.workers, "call_timeout": args.timeout}
+        if args.dask:
+            options["backend"] = "dask"
+            if args.dask != "local":
+                options["address"] = args.dask
         if args.store is not None:
             options["store"] = Path(args.store).expanduser()
         if args.preload:
@@ -1032,6 +1045,7 @@ def _failed(error: BaseException) -> concurrent.futures.Future[Any]:
 _OVERVIEW = """Run programs on the kernel's pool of worker processes.
 
     %dspool start [--workers N] [--store PATH] [--preload mod1,mod2] [--timeout S]
+                  [--dask ADDRESS]
     %%dspool program NAME [--session S] [--entry FUNC]     (cell: Python source)
     %%dspool signature NAME [--module Predict|ChainOfThought] [--session S]
     %dspool run NAME [key=value ...] [--session S] [--timeout S] [--bg] [--out VAR]

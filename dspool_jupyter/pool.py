@@ -259,7 +259,20 @@ class Pool:
     reported as :class:`ProgramError`, instead of the machine's OOM killer. The pool
     starts at once; ``wait_ready`` blocks until every worker is ready (calls made before
     then queue).
+
+    ``backend="dask"`` returns a :class:`~dspool_jupyter.dask_backend.DaskPool` instead:
+    the same pool on the Dask cluster whose scheduler is at ``address`` (None: a private
+    ``LocalCluster``). ``backend="local"``, the default, is this class.
     """
+
+    def __new__(
+        cls, *args: Any, backend: str = "local", address: str | None = None, **kwargs: Any
+    ) -> Pool:
+        if backend == "dask" and cls is Pool:
+            from .dask_backend import DaskPool  # the dask extra: imported only when asked
+
+            return super().__new__(DaskPool)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -268,10 +281,16 @@ class Pool:
         preload: Iterable[str] = (),
         call_timeout: float | None = None,
         *,
+        backend: str = "local",
+        address: str | None = None,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         worker_memory_limit: int | None = None,
     ) -> None:
+        if backend != "local":
+            raise ValueError(f"backend must be 'local' or 'dask', got {backend!r}")
+        if address is not None:
+            raise ValueError("address= names a Dask scheduler: use it with backend='dask'")
         target = (os.cpu_count() or 1) if workers is None else workers
         if not isinstance(target, int) or isinstance(target, bool) or target < 1:
             raise ValueError(f"workers must be a positive whole number, got {workers!r}")
