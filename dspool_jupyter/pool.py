@@ -599,23 +599,32 @@ class Pool:
         return future.result()
 
     def status(self) -> PoolStatus:
-        """A snapshot of the pool (safe from any thread; see :mod:`dspool_jupyter.status`)."""
-        workers = tuple(
-            WorkerStatus(
-                id=w.id,
-                pid=w.pid,
-                state=w.state,
-                calls=w.calls,
-                errors=w.errors,
-                rss_bytes=w.rss,
-                last_heartbeat=w.last_heartbeat,
-                started_at=w.started_at,
-                program=w.call.program if w.call is not None else None,
+        """A snapshot of the pool (safe from any thread; see :mod:`dspool_jupyter.status`).
+
+        From the moment ``close()`` starts, the snapshot is 'closed' with no workers:
+        they are being stopped, not serving.
+        """
+        closing = self._closed or self._closing
+        workers = (
+            ()
+            if closing
+            else tuple(
+                WorkerStatus(
+                    id=w.id,
+                    pid=w.pid,
+                    state=w.state,
+                    calls=w.calls,
+                    errors=w.errors,
+                    rss_bytes=w.rss,
+                    last_heartbeat=w.last_heartbeat,
+                    started_at=w.started_at,
+                    program=w.call.program if w.call is not None else None,
+                )
+                for w in list(self._workers.values())
+                if w.state != "dead"
             )
-            for w in list(self._workers.values())
-            if w.state != "dead"
         )
-        if self._closed or self._closing:
+        if closing:
             state = "closed"
         elif self._ready_count >= self.target:
             state = "healthy"
