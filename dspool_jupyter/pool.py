@@ -542,9 +542,11 @@ class Pool:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         call = _Call(next(self._ids), program, program_id, session, blob, future, timeout)
         future._call = call
-        if self._loop_thread is not None and not self._inbox:
-            # Straight to a worker (or the queue) from this thread; with commands still
-            # in the inbox, go behind them so one thread's calls keep their order.
+        if self._loop_thread is not None and self._idle and not self._inbox:
+            # A worker looks idle: hand the call to it from this thread (one thread hop
+            # less). Otherwise the inbox: a burst of submits then costs the caller a
+            # deque append each, and with commands still in the inbox a call goes behind
+            # them so one thread's calls keep their order.
             with self._lock:
                 if not self._closing:
                     self._enqueue(call)
