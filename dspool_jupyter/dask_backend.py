@@ -108,7 +108,6 @@ from typing import Any, TextIO, cast
 import cloudpickle
 
 from .errors import (
-    CallCancelled,
     CallTimeout,
     DspoolError,
     PoolClosed,
@@ -118,17 +117,16 @@ from .errors import (
     UnknownWorker,
     UnpicklableArguments,
     WorkerCrashed,
+    error_from_reply,
+    unloadable_result,
 )
 from .events import (
     CallFailed,
     CallFinished,
     CallStarted,
-    Event,
     EventBus,
     PoolClosedEvent,
     PoolReady,
-    ProgramDefined,
-    ProgramDeleted,
     WorkerDied,
     WorkerReady,
     WorkerReplaced,
@@ -143,6 +141,7 @@ from .pool import (
     _open_pools,
     _registry_changed,
     _registry_lock,
+    preload_modules,
 )
 from .status import FailedCall, PoolStatus, WorkerStatus
 from .store import ProgramSpec, ProgramStore
@@ -281,12 +280,7 @@ class DaskPool(Pool):
                 "backend='dask' needs the distributed package: pip install 'dspool-jupyter[dask]'"
             ) from exc
         _close_at_exit_before_dask()
-        if isinstance(preload, str):
-            preload = [p for p in preload.split(",") if p]
-        self.preload = [str(p).strip() for p in preload]
-        for name in self.preload:
-            if not name or not all(part.isidentifier() for part in name.split(".")):
-                raise ValueError(f"preload entry {name!r} is not a module name")
+        self.preload = preload_modules(preload)
         self.store = store if isinstance(store, ProgramStore) else ProgramStore(store)
         self.backend = "dask"
         self.address = address
@@ -307,6 +301,7 @@ class DaskPool(Pool):
         self._closing = False
         self._ready_cond = threading.Condition()
         self._d = _Dispatcher(self)
+        self._setup_session = self._d.setup_session  # Pool.set_worker_setup stores there
         self._thread = threading.Thread(target=self._d.run, name="dspool-dask", daemon=True)
         self._thread.start()
         try:
@@ -329,14 +324,6 @@ class DaskPool(Pool):
         state = "closed" if self._closed else f"{self._d.ready_count}/{self.target} ready"
         return f"<DaskPool {state} scheduler={self.scheduler_address!r}>"
 
-    @property
-    def closed(self) -> bool:
-        return self._closed or self._closing
-
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
-        """Receive every pool event (see :mod:`dspool_jupyter.events`); returns unsubscribe."""
-        return self._bus.subscribe(callback)
-
     def wait_ready(self, timeout: float | None = 30) -> None:
         """Block until ``target`` workers are ready; :class:`PoolStartTimeout` after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -350,100 +337,6 @@ class DaskPool(Pool):
                         self._d.ready_count, self.target, timeout or 0, self._d.last_error
                     )
                 self._ready_cond.wait(0.1 if remaining is None else min(remaining, 0.1))
-
-    def define(
-        self,
-        name: str,
-        program: str | Callable[..., Any],
-        entry: str | None = None,
-        session: str | None = None,
-    ) -> str:
-        """Store ``program`` as ``name`` in the kernel's store; returns its id.
-
-        Every Dask worker gets it by value with its first call there.
-        """
-        spec = self.store.put(name, program, entry=entry, session=session)
-        if self._bus.active:
-            self._bus.emit(ProgramDefined(name=name, program_id=spec.id, session=session))
-        return spec.id
-
-    def delete(self, name: str, session: str | None = None) -> bool:
-        """Delete ``name`` for every worker; False when it did not exist."""
-        deleted = self.store.delete(name, session)
-        if deleted and self._bus.active:
-            self._bus.emit(ProgramDeleted(name=name, session=session))
-        return deleted
-
-    def programs(self, session: str | None = None) -> list[str]:
-        """Names of the programs a call in ``session`` (or anonymous) can run."""
-        return self.store.names(session)
-
-    def end_session(self, session: str) -> int:
-        """Forget ``session``: delete its programs and free its worker affinity."""
-        removed = self.store.clear_session(session)
-        if not self.closed:
-            self._post(("end_session", session))
-        return removed
-
-    def define_signature(
-        self,
-        name: str,
-        signature: str,
-        module: str = "Predict",
-        session: str | None = None,
-        **options: Any,
-    ) -> str:
-        """Define a DSPy program from a declarative signature (the ``dspy`` extra)."""
-        from . import dspy_programs
-
-        program_id = dspy_programs.define_signature(
-            self, name, signature, module=module, session=session, **options
-        )
-        if self._bus.active:
-            self._bus.emit(ProgramDefined(name=name, program_id=program_id, session=session))
-        return program_id
-
-    def configure_lm(self, model: Any, **kwargs: Any) -> None:
-        """Make ``model`` DSPy's LM in every Dask worker, later ones included."""
-        from . import dspy_programs
-
-        dspy_programs.configure_lm(self, model, **kwargs)
-
-    def set_worker_setup(
-        self,
-        key: str,
-        program: str | Callable[..., Any],
-        *args: Any,
-        entry: str | None = None,
-        timeout: float | None = 60,
-        **kwargs: Any,
-    ) -> None:
-        """Run ``program(*args, **kwargs)`` in every Dask worker, now and in later ones.
-
-        As :meth:`Pool.set_worker_setup`: blocks until every ready worker ran it; a
-        worker that joins later runs every set-up before its first call.
-        """
-        if self.closed:
-            raise PoolClosed()
-        name = f"setup.{key}"
-        if isinstance(program, str) and entry is None:
-            entry = key
-        spec = self.store.put(name, program, entry=entry, session=self._d.setup_session)
-        try:
-            blob = cloudpickle.dumps((args, kwargs))
-        except Exception as exc:
-            raise UnpicklableArguments(name, f"{type(exc).__name__}: {exc}") from exc
-        applied: concurrent.futures.Future[list[CallFuture]] = concurrent.futures.Future()
-        self._post(("setup", key, (spec.id, name, blob), applied))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for future in applied.result(timeout):
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            future.result(remaining)
-
-    def remove_worker_setup(self, key: str) -> None:
-        """Stop running set-up ``key`` in new workers (running workers keep its effect)."""
-        if not self.closed:
-            self._post(("remove_setup", key))
 
     def submit(
         self,
@@ -1195,14 +1088,7 @@ class _Dispatcher:
             try:
                 value = cloudpickle.loads(reply[3])
             except Exception as exc:
-                error = ProgramError(
-                    call.program,
-                    worker.id,
-                    type(exc).__name__,
-                    f"the result could not be unpickled in the kernel: {exc}",
-                    "",
-                    phase="result",
-                )
+                error = unloadable_result(call.program, worker.id, exc)
             else:
                 call.blob = b""
                 future._dask_call = None  # break the future <-> call cycle: no GC work per call
@@ -1219,29 +1105,11 @@ class _Dispatcher:
                             )
                         )
         elif kind == _ERROR:
-            info = reply[1]
             future.stdout, future.stderr = reply[2], reply[3]
-            phase = info["phase"]
-            if phase == "cancelled":
-                error = CallCancelled(call.program, worker.id)
-            else:
+            error = error_from_reply(call.program, call.session, worker.id, reply[1], reply[4])
+            if isinstance(error, ProgramError):
                 worker.calls += 1
                 worker.errors += 1
-                remote = None
-                if reply[4]:
-                    try:
-                        remote = cloudpickle.loads(reply[4])
-                    except Exception:
-                        remote = None
-                error = ProgramError(
-                    call.program,
-                    worker.id,
-                    info["type"],
-                    info["message"],
-                    info["traceback"],
-                    remote if isinstance(remote, BaseException) else None,
-                    phase=phase,
-                )
         else:
             error = ProgramNotFound(call.program, call.session)
         if error is not None:
@@ -1255,28 +1123,10 @@ class _Dispatcher:
             return
         call.future.set_exception(error)
         self.calls_failed += 1
-        traceback_text = error.remote_traceback if isinstance(error, ProgramError) else ""
-        failure = FailedCall(
-            call_id=call.id,
-            program=call.program,
-            worker_id=worker_id,
-            error=type(error).__name__,
-            message=str(error),
-            traceback=traceback_text,
-            time=time.time(),
-        )
+        failure = FailedCall.of(call.id, call.program, worker_id, error)
         self.failures.append(failure)
         if self.bus.active:
-            self.bus.emit(
-                CallFailed(
-                    call_id=call.id,
-                    program=call.program,
-                    worker_id=worker_id,
-                    error=failure.error,
-                    message=failure.message,
-                    traceback=traceback_text,
-                )
-            )
+            self.bus.emit(CallFailed.from_failure(failure))
 
     def clear_timers(self, call: _DCall) -> None:
         for timer in (call.timer, call.cancel_timer):

@@ -8,6 +8,7 @@ faults each have their own class, built from the facts (program, worker, exit co
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 __all__ = [
     "CallCancelled",
@@ -22,6 +23,9 @@ __all__ = [
     "UnknownWorker",
     "UnpicklableArguments",
     "WorkerCrashed",
+    "describe_returncode",
+    "error_from_reply",
+    "unloadable_result",
 ]
 
 
@@ -189,3 +193,51 @@ def describe_returncode(returncode: int | None) -> str:
             name = f"signal {-returncode}"
         return f"killed by {name}"
     return f"exit code {returncode}"
+
+
+def error_from_reply(
+    program: str,
+    session: str | None,
+    worker_id: str | None,
+    info: dict[str, Any],
+    exception_blob: bytes,
+) -> DspoolError:
+    """The error a worker's error reply stands for (the local and the Dask backend's).
+
+    ``info`` is the worker's ``{"phase", "type", "message", "traceback"}``; the blob is
+    the pickled original exception, attached as ``remote_exception`` when it loads here.
+    """
+    phase = info["phase"]
+    if phase == "not_found":
+        return ProgramNotFound(program, session)
+    if phase == "cancelled":
+        return CallCancelled(program, worker_id)
+    remote = None
+    if exception_blob:
+        import cloudpickle  # the kernel side has it; kept out of errors' import time
+
+        try:
+            remote = cloudpickle.loads(exception_blob)
+        except Exception:
+            remote = None
+    return ProgramError(
+        program,
+        worker_id,
+        info["type"],
+        info["message"],
+        info["traceback"],
+        remote if isinstance(remote, BaseException) else None,
+        phase=phase,
+    )
+
+
+def unloadable_result(program: str, worker_id: str | None, exc: BaseException) -> ProgramError:
+    """A result that the worker sent but the kernel cannot unpickle."""
+    return ProgramError(
+        program,
+        worker_id,
+        type(exc).__name__,
+        f"the result could not be unpickled in the kernel: {exc}",
+        "",
+        phase="result",
+    )

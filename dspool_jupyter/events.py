@@ -15,7 +15,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .status import FailedCall
 
 __all__ = [
     "CallFailed",
@@ -158,6 +161,17 @@ class CallFailed(Event):
     error: str
     message: str
     traceback: str
+
+    @classmethod
+    def from_failure(cls, failure: FailedCall) -> CallFailed:
+        return cls(
+            call_id=failure.call_id,
+            program=failure.program,
+            worker_id=failure.worker_id,
+            error=failure.error,
+            message=failure.message,
+            traceback=failure.traceback,
+        )
 
 
 @dataclass(slots=True)

@@ -65,6 +65,8 @@ from .errors import (
     UnknownWorker,
     UnpicklableArguments,
     WorkerCrashed,
+    error_from_reply,
+    unloadable_result,
 )
 from .events import (
     CallFailed,
@@ -92,6 +94,7 @@ __all__ = [
     "Pool",
     "current_pool",
     "on_current_pool_changed",
+    "preload_modules",
 ]
 
 log = logging.getLogger(__name__)
@@ -298,12 +301,7 @@ class Pool:
             raise ValueError(
                 f"call_timeout must be a positive number of seconds, got {call_timeout!r}"
             )
-        if isinstance(preload, str):
-            preload = [p for p in preload.split(",") if p]
-        self.preload = [str(p).strip() for p in preload]
-        for name in self.preload:
-            if not name or not all(part.isidentifier() for part in name.split(".")):
-                raise ValueError(f"preload entry {name!r} is not a module name")
+        self.preload = preload_modules(preload)
         self.store = store if isinstance(store, ProgramStore) else ProgramStore(store)
         self.target = target
         self.call_timeout = call_timeout
@@ -1229,14 +1227,7 @@ class Pool:
             try:
                 value = cloudpickle.loads(blob)
             except Exception as exc:
-                error: BaseException | None = ProgramError(
-                    call.program,
-                    worker.id,
-                    type(exc).__name__,
-                    f"the result could not be unpickled in the kernel: {exc}",
-                    "",
-                    phase="result",
-                )
+                error: BaseException | None = unloadable_result(call.program, worker.id, exc)
             else:
                 error = None
                 self._calls_done += 1
@@ -1253,31 +1244,11 @@ class Pool:
                         )
                     )
         else:
-            info = meta[1]
             future.stdout, future.stderr = meta[2], meta[3]
-            phase = info["phase"]
-            if phase == "not_found":
-                error = ProgramNotFound(call.program, call.session)
-            elif phase == "cancelled":
-                error = CallCancelled(call.program, worker.id)
-            else:
+            error = error_from_reply(call.program, call.session, worker.id, meta[1], blob)
+            if isinstance(error, ProgramError):
                 worker.calls += 1
                 worker.errors += 1
-                remote = None
-                if blob:
-                    try:
-                        remote = cloudpickle.loads(blob)
-                    except Exception:
-                        remote = None
-                error = ProgramError(
-                    call.program,
-                    worker.id,
-                    info["type"],
-                    info["message"],
-                    info["traceback"],
-                    remote if isinstance(remote, BaseException) else None,
-                    phase=phase,
-                )
         if error is not None:
             self._fail(call, error, worker.id)
         self._worker_free(worker)
@@ -1289,28 +1260,10 @@ class Pool:
             return
         call.future.set_exception(error)
         self._calls_failed += 1
-        traceback_text = error.remote_traceback if isinstance(error, ProgramError) else ""
-        failure = FailedCall(
-            call_id=call.id,
-            program=call.program,
-            worker_id=worker_id,
-            error=type(error).__name__,
-            message=str(error),
-            traceback=traceback_text,
-            time=time.time(),
-        )
+        failure = FailedCall.of(call.id, call.program, worker_id, error)
         self._failures.append(failure)
         if self._bus.active:
-            self._bus.emit(
-                CallFailed(
-                    call_id=call.id,
-                    program=call.program,
-                    worker_id=worker_id,
-                    error=failure.error,
-                    message=failure.message,
-                    traceback=traceback_text,
-                )
-            )
+            self._bus.emit(CallFailed.from_failure(failure))
 
     # -- faults
     def _cancel(self, call: _Call) -> None:
@@ -1582,6 +1535,17 @@ class Pool:
         template = self._template
         if template is not None:
             _kill_process_group(template.process)
+
+
+def preload_modules(preload: Iterable[str]) -> list[str]:
+    """The module names of a ``preload`` option (a list, or "a,b" text), checked."""
+    if isinstance(preload, str):
+        preload = [p for p in preload.split(",") if p]
+    names = [str(p).strip() for p in preload]
+    for name in names:
+        if not name or not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"preload entry {name!r} is not a module name")
+    return names
 
 
 def _kill_process_group(process: subprocess.Popen[bytes]) -> None:

@@ -6,6 +6,7 @@ lab extension receives over the comm. Times are wall-clock seconds since the epo
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,6 +39,21 @@ class FailedCall:
     message: str
     traceback: str
     time: float
+
+    @classmethod
+    def of(
+        cls, call_id: int, program: str, worker_id: str | None, error: BaseException
+    ) -> FailedCall:
+        """The record of ``error`` ending a call (the worker's traceback if it has one)."""
+        return cls(
+            call_id=call_id,
+            program=program,
+            worker_id=worker_id,
+            error=type(error).__name__,
+            message=str(error),
+            traceback=str(getattr(error, "remote_traceback", "") or ""),
+            time=time.time(),
+        )
 
 
 @dataclass(frozen=True)

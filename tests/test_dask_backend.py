@@ -134,8 +134,22 @@ def test_backend_dispatch_registry_and_surface(dask_address: str, store_dir: Pat
     assert current_pool() is not pool and pool.closed
     with pytest.raises(PoolClosed):
         pool.submit("inc", 1)
-    # Every public method of Pool is DaskPool's own, except the ones built on submit().
-    inherited = {"run", "arun"}
+    # Every public method of Pool is DaskPool's own, except the ones built only on
+    # submit(), the store, the event bus and the inbox (_post), which DaskPool provides.
+    inherited = {
+        "run",
+        "arun",
+        "closed",
+        "subscribe",
+        "define",
+        "delete",
+        "programs",
+        "end_session",
+        "define_signature",
+        "configure_lm",
+        "set_worker_setup",
+        "remove_worker_setup",
+    }
     for name in dir(Pool):
         if name.startswith("_") or name in inherited:
             continue
