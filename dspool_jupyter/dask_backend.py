@@ -115,7 +115,6 @@ from .errors import (
     ProgramError,
     ProgramNotFound,
     UnknownWorker,
-    UnpicklableArguments,
     WorkerCrashed,
     error_from_reply,
     unloadable_result,
@@ -350,20 +349,10 @@ class DaskPool(Pool):
         if self.closed:
             raise PoolClosed()
         future = DaskCallFuture(self, program)
-        try:
-            program_id = self.store.resolve(program, session)
-        except ProgramNotFound as exc:
-            future.set_exception(exc)
+        prepared = self._prepare_call(future, program, session, timeout, args, kwargs)
+        if prepared is None:
             return future
-        try:
-            blob = cloudpickle.dumps((args, kwargs))
-        except Exception as exc:
-            future.set_exception(UnpicklableArguments(program, f"{type(exc).__name__}: {exc}"))
-            return future
-        if timeout is None:
-            timeout = self.call_timeout
-        elif not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        program_id, blob, timeout = prepared
         call = _DCall(next(self._ids), program, program_id, session, blob, future, timeout)
         future._dask_call = call
         self._post(("call", call))

@@ -508,6 +508,36 @@ class Pool:
         if not self.closed:
             self._post(("remove_setup", key))
 
+    def _prepare_call(
+        self,
+        future: CallFuture,
+        program: str,
+        session: str | None,
+        timeout: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[str, bytes, float | None] | None:
+        """Resolve and pickle one call (both backends): ``(program id, args, timeout)``.
+
+        A problem of this one call is set on ``future`` (and None returned); a bad
+        ``timeout`` is the caller's mistake and raises.
+        """
+        try:
+            program_id = self.store.resolve(program, session)
+        except ProgramNotFound as exc:
+            future.set_exception(exc)
+            return None
+        try:
+            blob = cloudpickle.dumps((args, kwargs))
+        except Exception as exc:
+            future.set_exception(UnpicklableArguments(program, f"{type(exc).__name__}: {exc}"))
+            return None
+        if timeout is None:
+            timeout = self.call_timeout
+        elif not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        return program_id, blob, timeout
+
     def submit(
         self,
         program: str,
@@ -524,20 +554,10 @@ class Pool:
         if self.closed:
             raise PoolClosed()
         future = CallFuture(self, program)
-        try:
-            program_id = self.store.resolve(program, session)
-        except ProgramNotFound as exc:
-            future.set_exception(exc)
+        prepared = self._prepare_call(future, program, session, timeout, args, kwargs)
+        if prepared is None:
             return future
-        try:
-            blob = cloudpickle.dumps((args, kwargs))
-        except Exception as exc:
-            future.set_exception(UnpicklableArguments(program, f"{type(exc).__name__}: {exc}"))
-            return future
-        if timeout is None:
-            timeout = self.call_timeout
-        elif not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        program_id, blob, timeout = prepared
         call = _Call(next(self._ids), program, program_id, session, blob, future, timeout)
         future._call = call
         if self._loop_thread is not None and self._idle and not self._inbox:
