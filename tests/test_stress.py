@@ -113,7 +113,7 @@ def test_ten_thousand_mixed_calls_with_random_kills(make_pool: MakePool) -> None
     kills = []
 
     def killer() -> None:
-        while not stop.wait(0.25):
+        while not stop.wait(0.1):  # the run lasts ~2 s: several kills
             pids = [w.pid for w in pool.status().workers if w.pid and w.state == "busy"]
             if pids:
                 try:
