@@ -26,6 +26,7 @@ __all__ = [
     "HEADER",
     "HEARTBEAT",
     "HELLO",
+    "INTERRUPT",
     "RESULT",
     "STOP",
     "FrameReader",
@@ -42,6 +43,12 @@ HEADER = struct.Struct("!BIQ")  # kind, meta bytes, blob bytes
 # pool -> worker
 CALL = 1  # meta: (call_id, program_id, program name); blob: cloudpickled (args, kwargs)
 STOP = 2  # meta: (); the worker exits 0
+# meta: (call_id, reason) with reason "cancel" or "timeout". Only a worker that runs
+# several calls at once (config "concurrency" > 1) gets it: it interrupts that one call
+# (KeyboardInterrupt in its thread, or its asyncio task cancelled), which then replies
+# ERROR with phase "cancelled". A worker of concurrency 1 is interrupted by SIGINT instead.
+# An INTERRUPT for a call the worker no longer runs is ignored.
+INTERRUPT = 3
 # worker -> pool
 HELLO = 10  # meta: (worker_id, pid)
 RESULT = 11  # meta: (call_id, stdout, stderr); blob: cloudpickled value

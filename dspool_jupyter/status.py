@@ -15,7 +15,14 @@ __all__ = ["FailedCall", "PoolStatus", "WorkerStatus"]
 
 @dataclass(frozen=True)
 class WorkerStatus:
-    """One worker: ``state`` is 'starting', 'idle' or 'busy'."""
+    """One worker: ``state`` is 'starting', 'idle' or 'busy'.
+
+    The words mean the same everywhere (pool headline, worker rows, widget, lab panel):
+    ``calls`` every call that ended on this worker, ``done`` those that returned a value,
+    ``errors`` those that ended in an error (the program raised, the worker crashed, the
+    call timed out), ``cancelled`` those cancelled while they ran. ``active`` is how many
+    calls run on it now, out of ``slots`` (the pool's ``concurrency``).
+    """
 
     id: str
     pid: int | None
@@ -26,6 +33,10 @@ class WorkerStatus:
     last_heartbeat: float | None
     started_at: float
     program: str | None
+    done: int = 0
+    cancelled: int = 0
+    active: int = 0
+    slots: int = 1
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,11 @@ class PoolStatus:
     ``state`` is 'starting' (fewer than ``target`` workers ready and none has been ready
     since the start), 'healthy' (all ready), 'degraded' (some place is being refilled) or
     'closed'. ``ready`` is True when all ``target`` workers are ready.
+
+    Counts (the same words as :class:`WorkerStatus`): ``calls`` every call that ended,
+    ``done`` with a value, ``failed`` with an error, ``cancelled`` by the caller;
+    ``queued`` calls waiting for a worker, ``running`` calls on a worker now (in flight),
+    ``slots`` calls the ready workers can run at once (workers x concurrency).
     """
 
     state: str
@@ -78,6 +94,9 @@ class PoolStatus:
     startup_seconds: float | None
     last_error: str | None
     recent_failures: tuple[FailedCall, ...]
+    done: int = 0
+    cancelled: int = 0
+    slots: int = 0
 
     @property
     def ready(self) -> bool:
