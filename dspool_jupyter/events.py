@@ -30,9 +30,7 @@ __all__ = [
     "PoolReady",
     "ProgramDefined",
     "ProgramDeleted",
-    "WorkerBusy",
     "WorkerDied",
-    "WorkerIdle",
     "WorkerReady",
     "WorkerReplaced",
     "WorkerStarting",
@@ -78,19 +76,6 @@ class WorkerReady(Event):
     ready: int
     target: int
     startup_seconds: float
-
-
-@dataclass(slots=True)
-class WorkerBusy(Event):
-    kind: ClassVar[str] = "worker_busy"
-    worker_id: str
-    program: str
-
-
-@dataclass(slots=True)
-class WorkerIdle(Event):
-    kind: ClassVar[str] = "worker_idle"
-    worker_id: str
 
 
 @dataclass(slots=True)

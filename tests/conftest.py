@@ -49,6 +49,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+def started(marker: Path, timeout: float = 10.0) -> None:
+    """Wait until a program given ``marker=str(marker)`` has started (it creates the file).
+
+    ``future.running()`` says the call was handed to a worker; this says it runs there.
+    """
+    wait_for(marker.exists, timeout=timeout)
+
+
 def assert_no_leftovers(tokens: list[str], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -59,6 +67,15 @@ def assert_no_leftovers(tokens: list[str], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"pool processes outlived their pool: {left}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def dask_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Dask cluster's scheduler (CI's, or one started for this session)."""
+    from tests.dask_cluster import dask_cluster
+
+    with dask_cluster(tmp_path_factory.mktemp("dask")) as cluster:
+        yield cluster.address
 
 
 @pytest.fixture

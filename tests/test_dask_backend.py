@@ -23,7 +23,6 @@ from distributed import Client
 
 from dspool_jupyter import Pool
 from dspool_jupyter.comm import _snapshot
-from dspool_jupyter.dask_backend import DaskPool
 from dspool_jupyter.errors import (
     CallTimeout,
     DspoolError,
@@ -38,12 +37,11 @@ from dspool_jupyter.events import Event, WorkerDied, WorkerReady, WorkerReplaced
 from dspool_jupyter.pool import current_pool
 from dspool_jupyter.widget import build_model, render_text
 from tests.conftest import wait_for
-from tests.dask_cluster import dask_cluster
 from tests.programs import BOOM, INC, WHOAMI
 
 pytestmark = pytest.mark.timeout(60)
 
-MakePool = Callable[..., DaskPool]
+MakePool = Callable[..., Pool]
 
 # Appends the call's tag to a file (the workers share this machine's disk in the tests
 # only), then sleeps: a tag that appears twice would be a silent rerun.
@@ -58,12 +56,6 @@ MARKED = (
 NAP = "import os, time\ndef nap(seconds):\n    time.sleep(seconds)\n    return os.getpid()\n"
 
 
-@pytest.fixture(scope="module")
-def dask_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with dask_cluster(tmp_path_factory.mktemp("dask")) as cluster:
-        yield cluster.address
-
-
 def scheduler_keys(address: str, needle: str) -> list[str]:
     """Keys of tasks the scheduler still holds whose name contains ``needle``."""
     with Client(address, timeout=10) as client:
@@ -75,20 +67,20 @@ def scheduler_keys(address: str, needle: str) -> list[str]:
 
 @pytest.fixture
 def make_dask_pool(dask_address: str, store_dir: Path) -> Iterator[MakePool]:
-    pools: list[DaskPool] = []
+    pools: list[Pool] = []
 
-    def make(**kwargs: Any) -> DaskPool:
+    def make(**kwargs: Any) -> Pool:
         kwargs.setdefault("store", store_dir)
         kwargs.setdefault("workers", 2)
         pool = Pool(backend="dask", address=dask_address, **kwargs)
-        assert isinstance(pool, DaskPool)
+        assert pool.backend_name == "dask"
         pools.append(pool)
         return pool
 
     yield make
     for pool in pools:
         pool.close()
-        assert not pool._thread.is_alive()
+        assert not pool._backend.thread.is_alive()
     for pool in pools:
         deadline = time.monotonic() + 15
         while (left := scheduler_keys(dask_address, pool.token)) and time.monotonic() < deadline:
@@ -97,17 +89,17 @@ def make_dask_pool(dask_address: str, store_dir: Path) -> Iterator[MakePool]:
 
 
 @pytest.fixture
-def dpool(make_dask_pool: MakePool) -> DaskPool:
+def dpool(make_dask_pool: MakePool) -> Pool:
     pool = make_dask_pool()
     pool.wait_ready(30)
     return pool
 
 
-def pids(pool: DaskPool) -> set[int]:
+def pids(pool: Pool) -> set[int]:
     return {w.pid for w in pool.status().workers if w.pid is not None}
 
 
-def spread(pool: DaskPool, program: str, n: int = 40) -> set[Any]:
+def spread(pool: Pool, program: str, n: int = 40) -> set[Any]:
     """Results of ``n`` concurrent calls (enough that both workers serve some)."""
     return {f.result(20) for f in [pool.submit(program, 0.02) for _ in range(n)]}
 
@@ -124,39 +116,21 @@ def test_backend_dispatch_registry_and_surface(dask_address: str, store_dir: Pat
         Pool(backend="dask", address="tcp://127.0.0.1:9", store=store_dir, connect_timeout=1)
     pool = Pool(backend="dask", address=dask_address, store=store_dir)
     try:
-        assert isinstance(pool, DaskPool) and isinstance(pool, Pool)
+        assert type(pool) is Pool and pool.backend_name == "dask"
         assert pool.target == 2  # workers=None: the cluster's size
         pool.wait_ready(30)
         assert current_pool() is pool
-        assert "DaskPool" in repr(pool)
+        assert "dask" in repr(pool) and "scheduler=" in repr(pool)
     finally:
         pool.close()
     assert current_pool() is not pool and pool.closed
     with pytest.raises(PoolClosed):
         pool.submit("inc", 1)
-    # Every public method of Pool is DaskPool's own, except the ones built only on
-    # submit(), the store, the event bus and the inbox (_post), which DaskPool provides.
-    inherited = {
-        "run",
-        "arun",
-        "closed",
-        "subscribe",
-        "define",
-        "delete",
-        "programs",
-        "end_session",
-        "define_signature",
-        "configure_lm",
-        "set_worker_setup",
-        "remove_worker_setup",
-    }
-    for name in dir(Pool):
-        if name.startswith("_") or name in inherited:
-            continue
-        assert name in DaskPool.__dict__, f"DaskPool does not implement Pool.{name}"
+    # One facade over both backends: nothing subclasses Pool.
+    assert Pool.__subclasses__() == []
 
 
-def test_cross_worker_visibility_redefinition_and_delete(dpool: DaskPool) -> None:
+def test_cross_worker_visibility_redefinition_and_delete(dpool: Pool) -> None:
     program_id = dpool.define("inc", INC)
     assert dpool.run("inc", 41) == 42
     assert [f.result(20) for f in [dpool.submit("inc", i) for i in range(100)]] == list(
@@ -232,7 +206,7 @@ def test_program_errors_output_and_results(make_dask_pool: MakePool) -> None:
     assert [e.kind for e in failed].count("call_failed") >= 4
 
 
-def test_sessions_are_isolated_and_move_when_their_worker_dies(dpool: DaskPool) -> None:
+def test_sessions_are_isolated_and_move_when_their_worker_dies(dpool: Pool) -> None:
     dpool.define("whoami", WHOAMI, session="a")
     dpool.define("only_b", INC, entry="inc", session="b")
     dpool.define("inc", INC)
@@ -253,7 +227,7 @@ def test_sessions_are_isolated_and_move_when_their_worker_dies(dpool: DaskPool) 
         dpool.run("whoami", session="a")
 
 
-def _run_quietly(pool: DaskPool, program: str, session: str) -> int | None:
+def _run_quietly(pool: Pool, program: str, session: str) -> int | None:
     try:
         return int(pool.run(program, session=session))
     except WorkerCrashed:
@@ -264,7 +238,7 @@ def _run_quietly(pool: DaskPool, program: str, session: str) -> int | None:
 
 
 def test_worker_killed_under_load_fails_only_its_calls_and_never_reruns(
-    dpool: DaskPool, tmp_path: Path
+    dpool: Pool, tmp_path: Path
 ) -> None:
     dpool.define("marked", MARKED)
     events: list[Event] = []
@@ -314,14 +288,14 @@ def test_a_task_dask_reruns_elsewhere_does_not_run_the_program(
     assert reply == ("misrouted",) and not marks.exists()
 
 
-def _busy_pid(pool: DaskPool) -> int | None:
+def _busy_pid(pool: Pool) -> int | None:
     for worker in pool.status().workers:
         if worker.program is not None and worker.pid is not None:
             return worker.pid
     return None
 
 
-def test_timeout_kills_and_replaces_the_worker(dpool: DaskPool) -> None:
+def test_timeout_kills_and_replaces_the_worker(dpool: Pool) -> None:
     dpool.define("nap", NAP)
     dpool.define("inc", INC)
     events: list[Event] = []
@@ -340,7 +314,7 @@ def test_timeout_kills_and_replaces_the_worker(dpool: DaskPool) -> None:
         dpool.submit("nap", 30, timeout=0.3).result(20)  # submit's timeout too
 
 
-def test_cancel_interrupts_the_running_call_and_its_worker_survives(dpool: DaskPool) -> None:
+def test_cancel_interrupts_the_running_call_and_its_worker_survives(dpool: Pool) -> None:
     dpool.define(
         "loop", "import os, time\ndef loop():\n    while True:\n        time.sleep(0.01)\n"
     )
@@ -357,7 +331,7 @@ def test_cancel_interrupts_the_running_call_and_its_worker_survives(dpool: DaskP
     assert dpool.run("whoami") in before
 
 
-def test_setups_run_on_every_worker_and_on_replacements(dpool: DaskPool) -> None:
+def test_setups_run_on_every_worker_and_on_replacements(dpool: Pool) -> None:
     dpool.set_worker_setup(
         "seed", "import builtins\ndef seed(v):\n    builtins.DSPOOL_SEED = v\n", 7
     )
@@ -375,7 +349,7 @@ def test_setups_run_on_every_worker_and_on_replacements(dpool: DaskPool) -> None
     assert {v for v, _ in seen} == {7} and {p for _, p in seen} == pids(dpool)
 
 
-def test_status_renders_in_the_widget_and_the_lab_snapshot(dpool: DaskPool) -> None:
+def test_status_renders_in_the_widget_and_the_lab_snapshot(dpool: Pool) -> None:
     dpool.define("inc", INC)
     dpool.run("inc", 1)
     status = dpool.status()
@@ -400,7 +374,7 @@ def test_local_cluster_pool_starts_serves_and_leaves_nothing(store_dir: Path) ->
     before = _children(me)
     pool = Pool(backend="dask", workers=2, store=store_dir)
     try:
-        assert isinstance(pool, DaskPool)
+        assert pool.backend_name == "dask"
         pool.wait_ready(60)
         pool.define("whoami", WHOAMI)
         seen = {f.result(20) for f in [pool.submit("whoami") for _ in range(20)]}
@@ -437,7 +411,7 @@ def test_magic_starts_a_dask_pool(dask_address: str, store_dir: Path) -> None:
             "dspool", f"start --dask {dask_address} --workers 2 --store {store_dir}"
         )
         pool = current_pool()
-        assert isinstance(pool, DaskPool) and pool.status().ready
+        assert pool.backend_name == "dask" and pool.status().ready
         shell.run_cell_magic("dspool", "program square", "def square(x):\n    return x * x\n")
         assert shell.run_line_magic("dspool", "run square x=7") == 49
         shell.run_line_magic("dspool", "stop")

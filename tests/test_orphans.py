@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dspool_jupyter import Pool
-from tests.conftest import assert_no_leftovers, pool_processes, wait_for
+from tests.conftest import assert_no_leftovers, pool_processes, started, wait_for
 from tests.programs import SLEEPY, WHOAMI
 
 pytestmark = pytest.mark.timeout(60)
@@ -68,15 +68,17 @@ def test_a_forgotten_pool_is_closed_at_interpreter_exit(store_dir: Path) -> None
         print(pool.token, flush=True)
         """
     )
-    started = time.monotonic()
+    begun = time.monotonic()
     proc, token = _start_parent(store_dir, script)
     with proc:
         assert proc.wait(20) == 0
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - begun < 15
     assert_no_leftovers([token], timeout=5)
 
 
-def test_killing_the_template_heals_the_pool(make_pool: Callable[..., Pool]) -> None:
+def test_killing_the_template_heals_the_pool(
+    make_pool: Callable[..., Pool], tmp_path: Path
+) -> None:
     pool = make_pool(2)
     pool.wait_ready(30)
     pool.define("whoami", WHOAMI)
@@ -84,8 +86,8 @@ def test_killing_the_template_heals_the_pool(make_pool: Callable[..., Pool]) -> 
     old = {w.pid for w in pool.status().workers}
     template_pid = os.getpgid(next(iter(old)))  # the template leads the workers' group
     assert template_pid not in old
-    running = pool.submit("sleepy", 30)
-    wait_for(lambda: running.running())
+    running = pool.submit("sleepy", 30, marker=str(tmp_path / "m"))
+    started(tmp_path / "m")
     os.kill(template_pid, signal.SIGKILL)
     assert type(running.exception(10)).__name__ == "WorkerCrashed"
     wait_for(lambda: not ({w.pid for w in pool.status().workers} & old), timeout=10)

@@ -26,7 +26,7 @@ from dspool_jupyter.errors import (
     WorkerCrashed,
 )
 from dspool_jupyter.events import Event, PoolReady, WorkerDied, WorkerReady
-from tests.conftest import wait_for
+from tests.conftest import started, wait_for
 from tests.programs import BOOM, EXIT, HANG, INC, SEGFAULT, SLEEPY, SPIN, WHOAMI
 
 pytestmark = pytest.mark.timeout(60)
@@ -201,10 +201,10 @@ def test_worker_crash_fails_only_that_call(
     assert len(pool.status().workers) == 2
 
 
-def test_sigkill_from_outside_during_a_call(pool: Pool) -> None:
+def test_sigkill_from_outside_during_a_call(pool: Pool, tmp_path: Path) -> None:
     pool.define("sleepy", SLEEPY)
-    future = pool.submit("sleepy", 30)
-    wait_for(lambda: future.running())
+    future = pool.submit("sleepy", 30, marker=str(tmp_path / "m"))
+    started(tmp_path / "m")
     victim = next(w for w in pool.status().workers if w.id == future.worker_id)
     os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
     with pytest.raises(WorkerCrashed, match="killed by SIGKILL") as info:
@@ -239,12 +239,12 @@ def test_pool_default_timeout_and_a_program_that_ignores_signals(make_pool: Make
     assert pool.run("inc", 1) == 2
 
 
-def test_cancel_a_running_call_keeps_the_worker(pool: Pool) -> None:
+def test_cancel_a_running_call_keeps_the_worker(pool: Pool, tmp_path: Path) -> None:
     pool.define("hang", HANG)
     pool.define("whoami", WHOAMI)
     pids = worker_pids(pool)
-    future = pool.submit("hang")
-    wait_for(lambda: future.running())
+    future = pool.submit("hang", marker=str(tmp_path / "m"))
+    started(tmp_path / "m")
     assert future.cancel()
     with pytest.raises(CancelledError):
         future.result(5)
@@ -430,11 +430,11 @@ def test_restart_worker_and_restart_pool(pool: Pool) -> None:
     assert pool.run("whoami") not in old
 
 
-def test_close_fails_pending_calls_and_leaves_nothing(make_pool: MakePool) -> None:
+def test_close_fails_pending_calls_and_leaves_nothing(make_pool: MakePool, tmp_path: Path) -> None:
     pool = make_pool(1)
     pool.define("sleepy", SLEEPY)
-    running = pool.submit("sleepy", 30)
-    wait_for(lambda: running.running())
+    running = pool.submit("sleepy", 30, marker=str(tmp_path / "m"))
+    started(tmp_path / "m")
     queued = pool.submit("sleepy", 30)
     pool.close()
     with pytest.raises(PoolClosed):

@@ -1,0 +1,713 @@
+"""The local backend: worker processes on this machine, forked from a warm template.
+
+The template (``python -m dspool_jupyter.worker``, its own session so the kernel's
+Ctrl-C never reaches a worker) imports the preloads once and forks a worker for every
+``spawn`` request; each worker talks to the pool over its own stream socketpair, whose
+other end reaches it through the template (SCM_RIGHTS). One loop thread (``anyio.run``
+on asyncio) serves every socket from loop callbacks: no task switch and no epoll
+re-registration per call.
+
+Deaths are seen from the process's exit, which the template reports with its exit
+status, never from the socket alone (a program's forked helper may keep the socket open
+after its worker died). The pool keeps a copy of each worker's end of its socketpair:
+when a worker dies, the bytes still unread in its end tell exactly which calls it never
+read; those go back to the queue, and only calls it may have started fail with
+``WorkerCrashed``. That costs nothing per call (no acknowledgement frame).
+
+At concurrency 1 a worker runs one call at a time; one more call may wait in its socket
+behind a call known to be short (pipelining: it saves a round trip under load, and never
+puts a call behind a long one while another worker is free). A running call is
+interrupted with SIGINT, and a timeout kills and replaces the worker. At concurrency K
+> 1 a worker runs up to K calls at once (threads, or its event loop for ``async def``
+entries) and one call is interrupted with an ``INTERRUPT`` frame.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from . import protocol
+from .backend import KillReason, WorkerSlot
+from .errors import DspoolError
+
+if TYPE_CHECKING:
+    from .calls import Call
+    from .dispatch import Dispatcher
+    from .pool import Pool
+
+__all__ = ["OWNER_ENV", "LocalBackend", "LocalWorker", "TemplateHandle", "kill_process_group"]
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 5.0  # seconds close() waits for the template to stop its workers
+PIPELINE_DEPTH = 2  # calls sent to a one-slot worker at once: one runs, one waits
+PIPELINE_SHORT_CALL = 0.005  # seconds: only behind a program this fast may a call wait
+DURATION_MEMORY = 4096  # programs whose typical run time the pool remembers
+READ_CHUNK = 1 << 20  # bytes read from a worker socket at once
+INBOX_CHECK = 1.0  # seconds between checks for commands whose wake-up was lost
+OWNER_ENV = "DSPOOL_POOL_TOKEN"  # set in every pool process's environment (leak checks)
+
+
+@dataclass(eq=False)
+class TemplateHandle:
+    """The template process and its control socket."""
+
+    process: subprocess.Popen[bytes]
+    control: socket.socket
+    ready: bool = False
+
+
+@dataclass(eq=False)
+class LocalWorker(WorkerSlot):
+    """A local worker process: its socket, the copy of its end, and what was sent."""
+
+    sock: socket.socket | None = None
+    peer: socket.socket | None = None  # our copy of the worker's end (see module doc)
+    template: TemplateHandle | None = None
+    outbox: collections.deque[memoryview] = field(default_factory=collections.deque)
+    reader: protocol.FrameReader = field(default_factory=protocol.FrameReader)
+    sent_bytes: int = 0
+    reading: bool = False
+    replace: bool = True
+    exited: bool = False
+
+
+def _unread_bytes(sock: socket.socket) -> int:
+    """Bytes queued in ``sock`` that its reader has not read (SIOCINQ)."""
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return buf[0]
+
+
+def kill_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the template's session (it and every worker it forked)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class LocalBackend:
+    """Worker processes on this machine (see the module docstring)."""
+
+    name = "local"
+    direct_send = True
+
+    def __init__(self, pool: Pool, workers: int | None) -> None:
+        if pool.address is not None:
+            raise ValueError("address= names a Dask scheduler: use it with backend='dask'")
+        self.target = pool.target
+        self.concurrency = pool.concurrency
+        self.config: dict[str, Any] = {
+            "store": str(pool.store.directory),
+            "anonymous_ttl": pool.store.anonymous_ttl,
+            "preload": pool.preload,
+            "sys_path": [p for p in sys.path if p],
+            "heartbeat_interval": pool.heartbeat_interval,
+            "max_result_bytes": pool.max_result_bytes,
+            "memory_limit": pool.worker_memory_limit,
+            "concurrency": pool.concurrency,
+        }
+        self.token = pool.token
+        self.env_extra: dict[str, str] = {}
+        self.d: Dispatcher | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: anyio.Event | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._template: TemplateHandle | None = None
+        self._template_failures = 0
+        self._startup_failures = 0
+        self._numbers = iter(range(1, 1 << 62))
+        self._durations: dict[str, float] = {}  # program id -> typical run time (s)
+        self._started = threading.Event()
+
+    # ------------------------------------------------------------ Backend API
+    def start(self, dispatcher: Dispatcher) -> None:
+        self.d = dispatcher
+        self._thread = threading.Thread(target=self._thread_main, name="dspool-pool", daemon=True)
+        self._thread.start()
+        self._started.wait(10.0)
+
+    def wake(self) -> None:
+        if not self._wake_pending:
+            # The byte first: an interrupt between the two leaves the flag down, so the
+            # next post sends again (never a set flag with no byte: that would wedge).
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # a wake-up byte is already pending, or the pool is gone
+            self._wake_pending = True
+
+    def on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def call_soon(self, callback: object) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        assert callable(callback)
+
+        def locked() -> None:
+            assert self.d is not None
+            with self.d.lock:
+                callback()
+
+        try:
+            loop.call_soon_threadsafe(locked)
+        except RuntimeError:
+            pass  # the loop is closed
+
+    def send(self, slot: WorkerSlot, call: Call) -> bool:
+        assert isinstance(slot, LocalWorker)
+        sock = slot.sock
+        if sock is None or sock.fileno() == -1:
+            return False
+        frame = protocol.encode_frame(
+            protocol.CALL, (call.id, call.program_id, call.program), call.blob
+        )
+        slot.sent_bytes += len(frame)
+        call.handle = slot.sent_bytes  # where its frame ends in the worker's stream
+        if slot.outbox:  # an earlier frame is still part-way out: keep the order
+            slot.outbox.append(memoryview(frame))
+            return True
+        try:
+            sent = sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            slot.sent_bytes -= len(frame)
+            return False
+        if sent < len(frame):
+            slot.outbox.append(memoryview(frame)[sent:])
+            if self.on_loop_thread():
+                self._watch_writable(slot)
+            else:
+                self.call_soon(lambda: self._watch_writable(slot))
+        return True
+
+    def interrupt(self, slot: WorkerSlot, call: Call) -> None:
+        assert isinstance(slot, LocalWorker)
+        if slot.slots > 1:
+            reason = "cancel" if call.future.cancelled() else "timeout"
+            frame = protocol.encode_frame(protocol.INTERRUPT, (call.id, reason))
+            slot.sent_bytes += len(frame)
+            self._send_raw(slot, frame)
+        elif slot.pid is not None:
+            try:
+                os.kill(slot.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+    def kill(self, slot: WorkerSlot, reason: KillReason) -> None:
+        assert isinstance(slot, LocalWorker)
+        if slot.state == "dead":
+            return
+        if slot.kill_reason is None:
+            slot.kill_reason = reason
+        if slot.state in ("idle", "busy", "starting") and slot.pid is not None:
+            slot.state = "stopping"
+        if slot.pid is not None:
+            try:
+                os.kill(slot.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            # Not forked yet: without its socket the child exits as soon as it starts.
+            self._lost(slot)
+
+    def may_pipeline(self, slot: WorkerSlot) -> bool:
+        if slot.slots != 1 or not slot.inflight or len(slot.inflight) >= PIPELINE_DEPTH:
+            return False
+        last = next(reversed(slot.inflight.values()))
+        # A call waits in a worker's socket only behind a call known to be short: behind
+        # a long one it would wait even when another worker frees up (head-of-line), and
+        # behind one with a timeout the worker may be killed for it.
+        return (
+            last.timeout is None
+            and self._durations.get(last.program_id, PIPELINE_SHORT_CALL) < PIPELINE_SHORT_CALL
+            and (not last.started or time.monotonic() - last.started < PIPELINE_SHORT_CALL)
+        )
+
+    def replace(self, slot: WorkerSlot) -> None:
+        assert isinstance(slot, LocalWorker)
+        slot.replace = False
+        self._spawn_worker(replacing=slot.id)
+
+    def restart_all(self) -> None:
+        d = self._d()
+        for worker in list(d.workers.values()):
+            assert isinstance(worker, LocalWorker)
+            if worker.state != "dead":
+                worker.replace = False
+                self.kill(worker, "restart")
+        template = self._template
+        if template is not None:
+            self._template = None
+            try:
+                protocol.send_control(template.control, {"op": "stop"})
+            except OSError:
+                pass
+        self._start_template()
+        for _ in range(self.target):
+            self._spawn_worker()
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        thread = self._thread
+        if thread is None or threading.get_ident() == self._loop_thread:
+            return
+        thread.join(timeout + 2.0)
+        if thread.is_alive():  # the loop is stuck: make sure nothing survives
+            template = self._template
+            if template is not None:
+                kill_process_group(template.process)
+
+    # ----------------------------------------------------------- loop thread
+    def _d(self) -> Dispatcher:
+        assert self.d is not None
+        return self.d
+
+    def _thread_main(self) -> None:
+        d = self._d()
+        try:
+            anyio.run(self._main, backend="asyncio")
+        except BaseException as exc:  # the pool must never take the kernel down
+            log.exception("dspool pool loop stopped")
+            d.fail_everything(DspoolError(f"the pool's dispatcher failed: {exc!r}"))
+            template = self._template
+            if template is not None:
+                kill_process_group(template.process)
+        finally:
+            self._started.set()
+            with d.lock:
+                d.stopped = True
+                d.closed = True
+                d.ready_cond.notify_all()
+            d.drain_unserved()
+            for sock in (self._wake_r, self._wake_w):
+                sock.close()
+
+    async def _main(self) -> None:
+        d = self._d()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self._loop.add_reader(self._wake_r.fileno(), self._on_wake)
+            try:
+                with d.lock:
+                    self._start_template()
+                    for _ in range(self.target):
+                        self._spawn_worker()
+                tg.start_soon(d.supervisor.run)
+                tg.start_soon(self._check_inbox)
+                self._started.set()
+                await self._stop.wait()
+            finally:
+                self._loop.remove_reader(self._wake_r.fileno())
+                with anyio.CancelScope(shield=True):
+                    await self._shutdown()
+                tg.cancel_scope.cancel()
+
+    def _on_wake(self) -> None:
+        d = self._d()
+        with d.lock:
+            try:
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+            # Cleared after draining the wake-up bytes and before reading the inbox, so a
+            # command posted at any moment is either read below or sends a new byte.
+            self._wake_pending = False
+            d.drain()
+            if d.stopped and self._stop is not None:
+                self._stop.set()
+
+    async def _check_inbox(self) -> None:
+        # A post interrupted between its append and its wake-up byte is served here.
+        while True:
+            await anyio.sleep(INBOX_CHECK)
+            if self._d().inbox:
+                self._on_wake()
+
+    # -- template and worker processes
+    def _start_template(self) -> None:
+        pool_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        env[OWNER_ENV] = self.token
+        env.update(self.env_extra)
+        # Offline by default: litellm (under dspy) must not fetch its price map at import.
+        env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        config = dict(self.config, parent_pid=os.getpid())
+        try:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dspool_jupyter.worker",
+                    "--control-fd",
+                    str(child_end.fileno()),
+                    "--config",
+                    json.dumps(config),
+                ],
+                pass_fds=[child_end.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=os.getcwd(),
+                # Its own session: the kernel's interrupt (SIGINT to its process group)
+                # must not reach the workers; cancellation is the pool's job.
+                start_new_session=True,
+            )
+        finally:
+            child_end.close()
+        pool_end.setblocking(False)
+        template = TemplateHandle(process=process, control=pool_end)
+        self._template = template
+        assert self._loop is not None
+        self._loop.add_reader(pool_end.fileno(), self._on_control_readable, template)
+
+    def _on_control_readable(self, template: TemplateHandle) -> None:
+        with self._d().lock:
+            while True:
+                try:
+                    received = protocol.recv_control(template.control)
+                except BlockingIOError:
+                    return
+                except (OSError, protocol.ProtocolError):
+                    received = None
+                if received is None:
+                    assert self._loop is not None
+                    self._loop.remove_reader(template.control.fileno())
+                    self._on_template_lost(template)
+                    return
+                message, fds = received
+                for fd in fds:
+                    os.close(fd)
+                try:
+                    self._on_control(template, message)
+                except Exception:
+                    log.exception("dspool pool failed on a template message")
+
+    def _on_control(self, template: TemplateHandle, message: dict[str, Any]) -> None:
+        d = self._d()
+        op = message.get("op")
+        if op == "ready":
+            template.ready = True
+            self._template_failures = 0
+            errors = message.get("preload_errors") or []
+            if errors:
+                d.last_error = "; ".join(errors)
+                log.warning("dspool: %s", d.last_error)
+        elif op == "spawned":
+            worker = d.workers.get(message["worker_id"])
+            if isinstance(worker, LocalWorker) and worker.pid is None:
+                worker.pid = int(message["pid"])
+        elif op == "exited":
+            worker = d.workers.get(message["worker_id"])
+            if isinstance(worker, LocalWorker) and worker.template is template:
+                worker.returncode = int(message["returncode"])
+                worker.exited = True
+                self._lost(worker)
+
+    def _on_template_lost(self, template: TemplateHandle) -> None:
+        template.control.close()
+        try:
+            template.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            kill_process_group(template.process)
+        d = self._d()
+        # Its workers die with it (parent-death signal) and nobody reports their exit.
+        for worker in list(d.workers.values()):
+            if isinstance(worker, LocalWorker) and worker.template is template:
+                if worker.pid is not None:
+                    try:
+                        os.kill(worker.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                if worker.kill_reason is None and not d.stopped and worker.state == "starting":
+                    worker.kill_reason = "crashed"
+                self._lost(worker)
+        if self._template is not template:
+            return
+        self._template = None
+        if d.stopped:
+            return
+        self._template_failures += 1
+        if not template.ready:
+            d.last_error = (
+                f"the worker template exited during start-up "
+                f"(code {template.process.returncode}); see the kernel's log"
+            )
+        log.warning(
+            "dspool: worker template exited (code %s); restarting", template.process.returncode
+        )
+        failures = self._template_failures
+        delay = 0.0 if failures <= 1 else min(5.0, 0.25 * 2 ** (failures - 2))
+        assert self._tg is not None
+        self._tg.start_soon(self._restart_template_later, delay)
+
+    async def _restart_template_later(self, delay: float) -> None:
+        if delay:
+            await anyio.sleep(delay)
+        d = self._d()
+        with d.lock:
+            if d.stopped or self._template is not None:
+                return
+            self._start_template()
+            for _ in range(self._workers_wanted()):
+                self._spawn_worker()
+
+    def _workers_wanted(self) -> int:
+        d = self._d()
+        live = sum(1 for w in d.workers.values() if w.state != "dead" and not w.retiring)
+        return self.target - live
+
+    def _spawn_worker(self, replacing: str | None = None) -> LocalWorker | None:
+        d = self._d()
+        if d.stopped:
+            return None
+        template = self._template
+        if template is None:
+            return None  # the template is restarting; it spawns what is missing
+        number = next(self._numbers)
+        pool_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        worker = LocalWorker(
+            id=f"w{number}",
+            started_at=time.time(),
+            start_mono=time.monotonic(),
+            slots=self.concurrency,
+            sock=pool_end,
+            peer=worker_end,
+            template=template,
+        )
+        try:
+            protocol.send_control(
+                template.control, {"op": "spawn", "worker_id": worker.id}, [worker_end.fileno()]
+            )
+        except OSError as exc:
+            log.warning("dspool: could not ask the template for a worker: %s", exc)
+            pool_end.close()
+            worker_end.close()
+            return None
+        pool_end.setblocking(False)
+        worker_end.setblocking(False)
+        d.add_worker(worker, replacing)
+        assert self._loop is not None
+        self._loop.add_reader(pool_end.fileno(), self._on_worker_readable, worker)
+        worker.reading = True
+        return worker
+
+    def _on_worker_readable(self, worker: LocalWorker) -> None:
+        d = self._d()
+        with d.lock:
+            sock = worker.sock
+            if sock is None:
+                return
+            try:
+                while worker.state != "dead":
+                    try:
+                        data = sock.recv(READ_CHUNK)
+                    except BlockingIOError:
+                        return
+                    if not data:
+                        break
+                    for kind, meta, blob in worker.reader.feed(data):
+                        self._on_frame(worker, kind, meta, blob)
+            except OSError:
+                pass
+            except protocol.ProtocolError as exc:
+                d.last_error = f"worker {worker.id} broke the protocol: {exc}"
+                self.kill(worker, "crashed")
+                return
+            except Exception:
+                log.exception("dspool pool failed on a message from worker %s", worker.id)
+                return
+            # The worker closed its socket: it is exiting (its exit status tells how).
+            self._stop_reading(worker)
+
+    def _on_frame(self, worker: LocalWorker, kind: int, meta: tuple[Any, ...], blob: bytes) -> None:
+        d = self._d()
+        if kind == protocol.RESULT or kind == protocol.ERROR:
+            call = d.release(worker, meta[0])
+            if call is None:
+                return  # a reply to a call this worker no longer runs: never hand it on
+            self._learn_duration(call)
+            if kind == protocol.RESULT:
+                d.settle_value(worker, call, blob, meta[1], meta[2])
+            else:
+                d.settle_error(worker, call, meta[1], blob, meta[2], meta[3])
+        elif kind == protocol.HEARTBEAT:
+            worker.rss = meta[0]
+            worker.last_heartbeat = time.time()
+        elif kind == protocol.HELLO:
+            self._startup_failures = 0
+            d.worker_ready(worker, int(meta[1]))
+        elif kind == protocol.FATAL:
+            d.last_error = f"worker {worker.id} could not start: {meta[0]}"
+            log.warning("dspool: %s", d.last_error)
+        else:
+            raise protocol.ProtocolError(f"unexpected frame kind {kind}")
+
+    def _learn_duration(self, call: Call) -> None:
+        if not call.started:
+            return
+        elapsed = time.monotonic() - call.started
+        durations = self._durations
+        typical = durations.get(call.program_id)
+        if typical is None and len(durations) >= DURATION_MEMORY:
+            durations.clear()
+        durations[call.program_id] = elapsed if typical is None else 0.7 * typical + 0.3 * elapsed
+
+    def _send_raw(self, worker: LocalWorker, frame: bytes) -> None:
+        sock = worker.sock
+        if sock is None or sock.fileno() == -1:
+            return
+        if worker.outbox:
+            worker.outbox.append(memoryview(frame))
+            return
+        try:
+            sent = sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return
+        if sent < len(frame):
+            worker.outbox.append(memoryview(frame)[sent:])
+            self._watch_writable(worker)
+
+    def _watch_writable(self, worker: LocalWorker) -> None:
+        sock = worker.sock
+        if worker.outbox and sock is not None and sock.fileno() != -1:
+            assert self._loop is not None
+            self._loop.add_writer(sock.fileno(), self._on_worker_writable, worker)
+
+    def _on_worker_writable(self, worker: LocalWorker) -> None:
+        with self._d().lock:
+            sock = worker.sock
+            if sock is None:
+                return
+            while worker.outbox:
+                view = worker.outbox[0]
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    worker.outbox.clear()
+                    break
+                if sent < len(view):
+                    worker.outbox[0] = view[sent:]
+                    return
+                worker.outbox.popleft()
+            assert self._loop is not None
+            self._loop.remove_writer(sock.fileno())
+
+    def _stop_reading(self, worker: LocalWorker) -> None:
+        sock = worker.sock
+        if sock is not None and worker.reading and sock.fileno() != -1:
+            assert self._loop is not None
+            self._loop.remove_reader(sock.fileno())
+        worker.reading = False
+
+    def _close_sockets(self, worker: LocalWorker) -> None:
+        self._stop_reading(worker)
+        sock, peer = worker.sock, worker.peer
+        worker.sock = worker.peer = None
+        if sock is not None and sock.fileno() != -1:
+            if worker.outbox:
+                assert self._loop is not None
+                self._loop.remove_writer(sock.fileno())
+            sock.close()
+        if peer is not None:
+            peer.close()
+
+    def _lost(self, worker: LocalWorker) -> None:
+        """``worker`` is gone (its exit seen, or it never forked): settle and replace it."""
+        d = self._d()
+        if worker.state == "dead":
+            return
+        # What the worker read of its stream: every call whose frame ends there or
+        # before reached it (and may have started); the rest it never saw.
+        unsent = sum(len(view) for view in worker.outbox)
+        unread = _unread_bytes(worker.peer) if worker.peer is not None else 0
+        consumed = worker.sent_bytes - unsent - unread
+        for call in worker.inflight.values():
+            call.acked = isinstance(call.handle, int) and call.handle <= consumed
+        failed_start = worker.state == "starting" and worker.kill_reason is None
+        self._close_sockets(worker)
+        d.worker_lost(worker)
+        d.report_lost(worker)
+        if d.stopped or not worker.replace:
+            return
+        if failed_start:
+            self._startup_failures += 1
+        if self._startup_failures >= 3:
+            delay = min(5.0, 0.1 * 2 ** (self._startup_failures - 3))
+            assert self._tg is not None
+            self._tg.start_soon(self._spawn_later, delay, worker.id)
+        else:
+            self._spawn_worker(replacing=worker.id)
+        d.feed_all()
+
+    async def _spawn_later(self, delay: float, replacing: str) -> None:
+        await anyio.sleep(delay)
+        with self._d().lock:
+            if self._workers_wanted() > 0:
+                self._spawn_worker(replacing=replacing)
+
+    async def _shutdown(self) -> None:
+        d = self._d()
+        with d.lock:
+            d.stopped = True
+            template = self._template
+            if template is not None:
+                try:
+                    protocol.send_control(template.control, {"op": "stop"})
+                except OSError:
+                    pass
+        if template is not None:
+            with anyio.move_on_after(CLOSE_TIMEOUT):
+                while template.process.poll() is None:
+                    await anyio.sleep(0.01)
+        with d.lock:
+            if template is not None:
+                if template.process.poll() is None:
+                    kill_process_group(template.process)
+                if template.control.fileno() != -1:
+                    assert self._loop is not None
+                    self._loop.remove_reader(template.control.fileno())
+                    template.control.close()
+            for worker in list(d.workers.values()):
+                if isinstance(worker, LocalWorker):
+                    self._close_sockets(worker)
+            d.end_shutdown()
