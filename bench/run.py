@@ -87,10 +87,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per trial")
     parser.add_argument("--results", type=Path, help="write the report here too")
     parser.add_argument("--no-results", action="store_true", help="do not write bench/RESULTS.md")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree of dspool_jupyter (e.g. a git worktree of an earlier commit):"
+        " adds the system dspool-baseline, run from there, beside dspool",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show trial notes")
     args = parser.parse_args(argv)
 
-    names = [n for part in args.only for n in part.split(",") if n] or list(SYSTEMS)
+    default = [n for n in SYSTEMS if n != "dspool-baseline" or args.baseline]
+    names = [n for part in args.only for n in part.split(",") if n] or default
+    if args.baseline and "dspool-baseline" not in names:
+        names.append("dspool-baseline")
+    if "dspool-baseline" in names and not args.baseline:
+        parser.error("dspool-baseline needs --baseline DIR")
     skip = {n for part in args.skip for n in part.split(",") if n}
     unknown = [n for n in [*names, *skip] if n not in SYSTEMS]
     if unknown:
@@ -173,11 +184,17 @@ class Driver:
         out = self.tmp / f"trial-{self.count}.json"
         err = self.tmp / f"trial-{self.count}.err"
         self.count += 1
+        cwd, env = REPO, self.env
+        if spec["system"] == "dspool-baseline":
+            # The baseline's own tree first: its dspool_jupyter (and its bench.trial).
+            cwd = self.args.baseline.resolve()
+            env = dict(env, PYTHONPATH=os.pathsep.join((str(cwd), env["PYTHONPATH"])))
+            spec = dict(spec, system="dspool")
         with open(err, "wb") as stderr:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.trial", json.dumps(spec), str(out)],
-                cwd=REPO,
-                env=self.env,
+                cwd=cwd,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
@@ -372,7 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = f"# dspool benchmark results\n\n{header}\n\n{cells}\n{body}"
     print()
     print(report)
-    full = not args.quick and set(args.systems) == set(SYSTEMS)
+    full = not args.quick and set(args.systems) - {"dspool-baseline"} == set(SYSTEMS) - {
+        "dspool-baseline"
+    }
     targets = [args.results] if args.results else []
     if full and not args.no_results:
         targets.append(RESULTS_FILE)

@@ -288,12 +288,20 @@ class Dask(System):
             self.cluster.close()
 
 
+class DspoolBaseline(Dspool):
+    """dspool from another source tree (``python -m bench --baseline DIR``): the driver
+    runs its trials from DIR, so a change is measured beside its baseline in one run."""
+
+    name = "dspool-baseline"
+
+
 def _worker_addresses(dask_scheduler: Any) -> list[str]:
     return list(dask_scheduler.workers)
 
 
 SYSTEMS: dict[str, type[System]] = {
-    cls.name: cls for cls in (Dspool, PPEFork, PPEForkserver, Loky, IPyParallel, Dask)
+    cls.name: cls
+    for cls in (Dspool, DspoolBaseline, PPEFork, PPEForkserver, Loky, IPyParallel, Dask)
 }
 
 

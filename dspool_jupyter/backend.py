@@ -17,16 +17,33 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from .calls import Call
-    from .dispatch import Dispatcher
 
-__all__ = ["Backend", "KillReason", "SlotState", "WorkerSlot"]
+__all__ = ["Backend", "BackendOptions", "KillReason", "SlotState", "WorkerSlot"]
 
 SlotState = Literal["starting", "idle", "busy", "stopping", "dead"]
 KillReason = Literal["crashed", "timeout", "cancel", "restart", "close", "stuck"]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What the facade tells a backend (checked already; units in the Pool docstring)."""
+
+    workers: int | None  # as the user asked (None: the default)
+    target: int
+    concurrency: int
+    store_dir: str
+    anonymous_ttl: float | None
+    preload: list[str]
+    heartbeat_interval: float
+    max_result_bytes: int
+    memory_limit: int | None
+    address: str | None
+    connect_timeout: float
+    token: str
 
 
 @dataclass(eq=False)
@@ -78,8 +95,9 @@ class Backend(Protocol):
     name: str
     direct_send: bool
 
-    def start(self, dispatcher: Dispatcher) -> None:
-        """Start the loop thread and the workers; returns once they are being started."""
+    def start(self, dispatcher: Any) -> None:
+        """Start the loop thread and the workers for ``dispatcher`` (a
+        :class:`~dspool_jupyter.dispatch.Dispatcher`); returns once they are starting."""
 
     def wake(self) -> None:
         """Commands wait in ``dispatcher.inbox``: drain them on the loop thread soon."""

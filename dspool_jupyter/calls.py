@@ -12,10 +12,7 @@ import concurrent.futures
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .backend import WorkerSlot
+from typing import Any
 
 __all__ = ["Call", "CallFuture", "echo_output", "reject", "resolve"]
 
@@ -82,7 +79,7 @@ class Call:
     timeout: float | None
     setup: bool = False
     on_cancel: Callable[[Call], None] | None = None
-    slot: WorkerSlot | None = None
+    slot: Any = None  # the backend.WorkerSlot it was sent to (calls.py is below backend.py)
     started: float = 0.0
     acked: bool = False
     interrupted: bool = False

@@ -82,14 +82,13 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 import cloudpickle
 
 from . import registry
-from .backend import KillReason, WorkerSlot
+from .backend import BackendOptions, KillReason, WorkerSlot
 from .errors import DspoolError, PoolClosed, ProgramError, ProgramNotFound
 from .store import ProgramSpec
 
 if TYPE_CHECKING:
     from .calls import Call
     from .dispatch import Dispatcher
-    from .pool import Pool
 
 __all__ = ["CONNECT_TIMEOUT", "DaskBackend", "DaskTask", "DaskWorker"]
 
@@ -141,15 +140,15 @@ class DaskBackend:
     direct_send = False  # the asynchronous Client is driven from its loop only
     extras = ("worker_addresses",)
 
-    def __init__(self, pool: Pool, workers: int | None) -> None:
-        if pool.worker_memory_limit is not None:
+    def __init__(self, options: BackendOptions) -> None:
+        if options.memory_limit is not None:
             raise ValueError(
                 "worker_memory_limit is not supported on Dask: set the workers' own "
                 "memory limit (dask worker --memory-limit, LocalCluster(memory_limit=...))"
             )
-        if pool.address is not None and not isinstance(pool.address, str):
+        if options.address is not None and not isinstance(options.address, str):
             raise ValueError(
-                f"address must be a scheduler address (tcp://host:port): {pool.address!r}"
+                f"address must be a scheduler address (tcp://host:port): {options.address!r}"
             )
         try:
             import distributed  # noqa: F401
@@ -157,12 +156,12 @@ class DaskBackend:
             raise DspoolError(
                 "backend='dask' needs the distributed package: pip install 'dspool-jupyter[dask]'"
             ) from exc
-        self.pool = pool
-        self.address = pool.address
-        self.scheduler_address: str | None = pool.address
+        self.options = options
+        self.address = options.address
+        self.scheduler_address: str | None = options.address
         # A private LocalCluster has exactly the workers asked for; an external cluster's
         # size is followed unless ``workers`` says how many to wait for.
-        self.requested_workers = pool.target if pool.address is None else workers
+        self.requested_workers = options.target if options.address is None else options.workers
         self.connected: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.d: Dispatcher | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -186,7 +185,7 @@ class DaskBackend:
         self.thread = threading.Thread(target=self._run, name="dspool-dask", daemon=True)
         self.thread.start()
         try:
-            self.connected.result(self.pool.connect_timeout + 60.0)
+            self.connected.result(self.options.connect_timeout + 60.0)
         except BaseException as exc:
             from .dispatch import Close
 
@@ -259,7 +258,7 @@ class DaskBackend:
             call.program,
             record,
             call.blob,
-            self.pool.max_result_bytes,
+            self.options.max_result_bytes,
             key=task.key,
             workers=[slot.address],
             allow_other_workers=False,
@@ -385,7 +384,7 @@ class DaskBackend:
                 address,
                 asynchronous=True,
                 set_as_default=False,
-                timeout=self.pool.connect_timeout,
+                timeout=self.options.connect_timeout,
                 name=f"dspool-{d.token}",
             )
             with d.lock:
@@ -415,7 +414,7 @@ class DaskBackend:
         cluster_class: Any = distributed.LocalCluster
         cluster = await cluster_class(
             n_workers=0,
-            threads_per_worker=self.pool.concurrency,
+            threads_per_worker=self.options.concurrency,
             processes=True,
             host="127.0.0.1",
             dashboard_address=":0",  # its HTTP server: any free port, never 8787
@@ -423,7 +422,7 @@ class DaskBackend:
             # Offline by default, as the local pool: litellm must not fetch its price map.
             env={"LITELLM_LOCAL_MODEL_COST_MAP": "True"},
         )
-        cluster.scale(self.pool.target)
+        cluster.scale(self.options.target)
         return cluster
 
     # -- the cluster's workers
@@ -431,7 +430,7 @@ class DaskBackend:
         assert self.poll_now is not None
         while True:
             fast = time.monotonic() < self.fast_poll_until
-            interval = FAST_POLL_INTERVAL if fast else self.pool.heartbeat_interval
+            interval = FAST_POLL_INTERVAL if fast else self.options.heartbeat_interval
             try:
                 await asyncio.wait_for(self.poll_now.wait(), interval)
             except asyncio.TimeoutError:
@@ -477,7 +476,6 @@ class DaskBackend:
 
     def _set_target(self, target: int) -> None:
         self._d().target = target
-        self.pool.target = target
 
     def _adopt(self, address: str, meta: dict[str, Any]) -> DaskWorker:
         d = self._d()
@@ -486,7 +484,7 @@ class DaskBackend:
             id=f"w{next(self.numbers)}",
             started_at=time.time(),
             start_mono=time.monotonic(),
-            slots=min(self.pool.concurrency, nthreads),
+            slots=min(self.options.concurrency, nthreads),
             address=address,
             nanny=meta.get("nanny"),
             nthreads=nthreads,
@@ -505,7 +503,7 @@ class DaskBackend:
             return
         future = self.client.submit(
             _dask_hello,
-            self.pool.preload,
+            self.options.preload,
             key=f"dspool-hello-{worker.id}-{d.token}-{worker.hello_failures}",
             workers=[worker.address],
             allow_other_workers=False,

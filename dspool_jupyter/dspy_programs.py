@@ -67,13 +67,23 @@ import os
 import sys
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import DspoolError, InvalidProgram
 from .store import _PARSE_LOCK, ProgramSpec
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from .store import ProgramStore
+
+
+class SupportsWorkerSetup(Protocol):
+    """What this module needs of a pool (the facade in :mod:`.pool` has it all)."""
+
+    store: ProgramStore
+    preload: list[str]
+
+    def set_worker_setup(self, key: str, program: Any, *args: Any, **kwargs: Any) -> None: ...
+
 
 # Before dspy (and litellm, which it may import) is imported anywhere in this process.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -274,7 +284,7 @@ def signature_spec(
 
 
 def define_signature(
-    pool: Pool,
+    pool: SupportsWorkerSetup,
     name: str,
     signature: str,
     *,
@@ -553,10 +563,12 @@ def apply_lm(config: dict[str, Any]) -> None:
     _history_limit = limit
 
 
-_pool_lms: weakref.WeakKeyDictionary[Pool, dict[str, Any]] = weakref.WeakKeyDictionary()
+_pool_lms: weakref.WeakKeyDictionary[SupportsWorkerSetup, dict[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def configure_lm(pool: Pool, model: Any, **kwargs: Any) -> None:
+def configure_lm(pool: SupportsWorkerSetup, model: Any, **kwargs: Any) -> None:
     """Make ``model`` DSPy's LM in every worker of ``pool``, now and in later workers.
 
     Blocks until every ready worker applied it; a failure in a worker raises
@@ -572,7 +584,7 @@ def configure_lm(pool: Pool, model: Any, **kwargs: Any) -> None:
     _pool_lms[pool] = config
 
 
-def current_lm(pool: Pool) -> dict[str, Any] | None:
+def current_lm(pool: SupportsWorkerSetup) -> dict[str, Any] | None:
     """The LM configuration ``pool``'s workers use (secrets masked), or None."""
     config = _pool_lms.get(pool)
     if config is None:

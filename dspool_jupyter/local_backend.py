@@ -44,13 +44,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import protocol
-from .backend import KillReason, WorkerSlot
+from .backend import BackendOptions, KillReason, WorkerSlot
 from .errors import DspoolError
 
 if TYPE_CHECKING:
     from .calls import Call
     from .dispatch import Dispatcher
-    from .pool import Pool
 
 __all__ = ["OWNER_ENV", "LocalBackend", "LocalWorker", "TemplateHandle", "kill_process_group"]
 
@@ -117,22 +116,22 @@ class LocalBackend:
     name = "local"
     direct_send = True
 
-    def __init__(self, pool: Pool, workers: int | None) -> None:
-        if pool.address is not None:
+    def __init__(self, options: BackendOptions) -> None:
+        if options.address is not None:
             raise ValueError("address= names a Dask scheduler: use it with backend='dask'")
-        self.target = pool.target
-        self.concurrency = pool.concurrency
+        self.target = options.target
+        self.concurrency = options.concurrency
         self.config: dict[str, Any] = {
-            "store": str(pool.store.directory),
-            "anonymous_ttl": pool.store.anonymous_ttl,
-            "preload": pool.preload,
+            "store": options.store_dir,
+            "anonymous_ttl": options.anonymous_ttl,
+            "preload": options.preload,
             "sys_path": [p for p in sys.path if p],
-            "heartbeat_interval": pool.heartbeat_interval,
-            "max_result_bytes": pool.max_result_bytes,
-            "memory_limit": pool.worker_memory_limit,
-            "concurrency": pool.concurrency,
+            "heartbeat_interval": options.heartbeat_interval,
+            "max_result_bytes": options.max_result_bytes,
+            "memory_limit": options.memory_limit,
+            "concurrency": options.concurrency,
         }
-        self.token = pool.token
+        self.token = options.token
         self.env_extra: dict[str, str] = {}
         self.d: Dispatcher | None = None
         self._wake_r, self._wake_w = socket.socketpair()

@@ -45,6 +45,7 @@ from typing import Any
 import cloudpickle
 
 from . import registry
+from .backend import BackendOptions
 from .calls import CallFuture, echo_output
 from .dispatch import (
     CANCEL_GRACE,
@@ -64,7 +65,6 @@ from .errors import (
 )
 from .events import Event, EventBus, ProgramDefined, ProgramDeleted
 from .local_backend import OWNER_ENV
-from .registry import current_pool, on_current_pool_changed
 from .status import PoolStatus
 from .store import ProgramStore
 
@@ -180,7 +180,7 @@ class Pool:
             )
         self.preload = preload_modules(preload)
         self.store = store if isinstance(store, ProgramStore) else ProgramStore(store)
-        self.target = (os.cpu_count() or 1) if workers is None else workers
+        target = (os.cpu_count() or 1) if workers is None else workers
         self.concurrency = concurrency
         self.call_timeout = call_timeout
         self.max_result_bytes = max_result_bytes
@@ -192,7 +192,7 @@ class Pool:
         self._closing = False
         self._bus = EventBus()
         self._dispatcher = Dispatcher(
-            target=self.target,
+            target=target,
             concurrency=concurrency,
             store=self.store,
             bus=self._bus,
@@ -201,7 +201,21 @@ class Pool:
         module_name, _, class_name = BACKENDS[backend].partition(":")
         module = importlib.import_module(f"{__package__}.{module_name}")
         self.backend_name = backend
-        self._backend = getattr(module, class_name)(self, workers)
+        options = BackendOptions(
+            workers=workers,
+            target=target,
+            concurrency=concurrency,
+            store_dir=str(self.store.directory),
+            anonymous_ttl=self.store.anonymous_ttl,
+            preload=self.preload,
+            heartbeat_interval=heartbeat_interval,
+            max_result_bytes=max_result_bytes,
+            memory_limit=worker_memory_limit,
+            address=address,
+            connect_timeout=connect_timeout,
+            token=self.token,
+        )
+        self._backend = getattr(module, class_name)(options)
         self._dispatcher.backend = self._backend
         self._backend.start(self._dispatcher)
         registry.add(self)
@@ -218,6 +232,11 @@ class Pool:
         state = "closed" if self.closed else f"{d.ready_count}/{self.target} ready"
         where = getattr(self._backend, "describe", lambda: f"store={str(self.store.directory)!r}")
         return f"<Pool {self.backend_name} {state} {where()}>"
+
+    @property
+    def target(self) -> int:
+        """How many workers the pool keeps (on Dask, may follow the cluster's size)."""
+        return self._dispatcher.target
 
     @property
     def closed(self) -> bool:
@@ -498,6 +517,19 @@ class Pool:
         if name in extras:
             return getattr(backend, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+def current_pool() -> Pool | None:
+    """The most recently started pool of this process that is not closed, or None."""
+    pool = registry.current()
+    return pool if isinstance(pool, Pool) else None
+
+
+def on_current_pool_changed(callback: Callable[[Pool | None], None]) -> Callable[[], None]:
+    """Call ``callback(current_pool())`` whenever a pool starts or closes; returns unsubscribe."""
+    return registry.on_current_changed(
+        lambda pool: callback(pool if isinstance(pool, Pool) else None)
+    )
 
 
 def preload_modules(preload: Iterable[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """The pools of this process: which one is current, and closing them all at exit.
 
-The magics, the comm and the widget follow :func:`current_pool`; a pool registers
+The magics, the comm and the widget follow the current pool (``pool.current_pool``,
+typed, is the face of :func:`current`); a pool registers
 itself when it starts and unregisters when it closes. At interpreter exit every open
 pool is closed. A Dask pool needs that to happen before ``distributed``'s own exit
 handlers stop its machinery: :func:`close_at_exit_first` registers a second handler,
@@ -14,29 +15,37 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .pool import Pool
+
+class Registered(Protocol):
+    """What the registry needs of a pool."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def close(self) -> None: ...
+
 
 __all__ = [
+    "Registered",
     "add",
     "close_all",
     "close_at_exit_first",
-    "current_pool",
-    "on_current_pool_changed",
+    "current",
+    "on_current_changed",
     "remove",
 ]
 
 log = logging.getLogger(__name__)
 
-_open_pools: list[weakref.ref[Pool]] = []
-_listeners: list[Callable[[Pool | None], None]] = []
+_open_pools: list[weakref.ref[Registered]] = []
+_listeners: list[Callable[[Registered | None], None]] = []
 _lock = threading.Lock()
 _early_handler = False
 
 
-def current_pool() -> Pool | None:
+def current() -> Registered | None:
     """The most recently started pool of this process that is not closed, or None."""
     with _lock:
         refs = list(_open_pools)
@@ -47,8 +56,8 @@ def current_pool() -> Pool | None:
     return None
 
 
-def on_current_pool_changed(callback: Callable[[Pool | None], None]) -> Callable[[], None]:
-    """Call ``callback(current_pool())`` whenever a pool starts or closes; returns unsubscribe."""
+def on_current_changed(callback: Callable[[Registered | None], None]) -> Callable[[], None]:
+    """Call ``callback(current())`` whenever a pool starts or closes; returns unsubscribe."""
     with _lock:
         _listeners.append(callback)
 
@@ -61,23 +70,23 @@ def on_current_pool_changed(callback: Callable[[Pool | None], None]) -> Callable
 
 
 def _changed() -> None:
-    current = current_pool()
+    pool = current()
     with _lock:
         listeners = list(_listeners)
     for callback in listeners:
         try:
-            callback(current)
+            callback(pool)
         except Exception:
             log.exception("dspool current-pool listener failed")
 
 
-def add(pool: Pool) -> None:
+def add(pool: Registered) -> None:
     with _lock:
         _open_pools.append(weakref.ref(pool))
     _changed()
 
 
-def remove(pool: Pool) -> None:
+def remove(pool: Registered) -> None:
     with _lock:
         _open_pools[:] = [r for r in _open_pools if r() not in (None, pool)]
     _changed()
