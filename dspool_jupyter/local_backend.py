@@ -61,6 +61,8 @@ PIPELINE_SHORT_CALL = 0.005  # seconds: only behind a program this fast may a ca
 DURATION_MEMORY = 4096  # programs whose typical run time the pool remembers
 READ_CHUNK = 1 << 20  # bytes read from a worker socket at once
 INBOX_CHECK = 1.0  # seconds between checks for commands whose wake-up was lost
+RESIGNAL_INTERVAL = 0.1  # seconds between SIGINTs to a call that has not stopped yet
+UNREAD_POLL_INTERVAL = 0.002  # seconds between looks at whether a worker read its call
 OWNER_ENV = "DSPOOL_POOL_TOKEN"  # set in every pool process's environment (leak checks)
 
 
@@ -221,11 +223,42 @@ class LocalBackend:
             frame = protocol.encode_frame(protocol.INTERRUPT, (call.id, reason))
             slot.sent_bytes += len(frame)
             self._send_raw(slot, frame)
-        elif slot.pid is not None:
+        elif self.on_loop_thread():
+            self._signal_call(slot, call)
+        else:
+            self.call_soon(lambda: self._signal_call(slot, call))
+
+    def _signal_call(self, worker: LocalWorker, call: Call) -> None:
+        """SIGINT ``worker`` while it runs ``call`` (one slot), until the call ends.
+
+        A worker ignores SIGINT between calls, so a signal is sent only while the
+        worker has read exactly up to the end of this call's frame: it runs this call
+        (or has just replied and waits for a frame that is not there). Before it has
+        read the frame, the signal waits; once it has read further, the call ended.
+        """
+        if worker.inflight.get(call.id) is not call or worker.pid is None:
+            return
+        consumed = self._consumed(worker)
+        if consumed > call.handle:
+            return
+        if consumed == call.handle:
             try:
-                os.kill(slot.pid, signal.SIGINT)
+                os.kill(worker.pid, signal.SIGINT)
             except ProcessLookupError:
-                pass
+                return
+        assert self._loop is not None
+        delay = RESIGNAL_INTERVAL if consumed == call.handle else UNREAD_POLL_INTERVAL
+        self._loop.call_later(delay, self._signal_call_locked, worker, call)
+
+    def _signal_call_locked(self, worker: LocalWorker, call: Call) -> None:
+        with self._d().lock:
+            self._signal_call(worker, call)
+
+    def _consumed(self, worker: LocalWorker) -> int:
+        """How many bytes of its stream ``worker`` has read."""
+        unsent = sum(len(view) for view in worker.outbox)
+        unread = _unread_bytes(worker.peer) if worker.peer is not None else 0
+        return worker.sent_bytes - unsent - unread
 
     def kill(self, slot: WorkerSlot, reason: KillReason) -> None:
         assert isinstance(slot, LocalWorker)
@@ -657,9 +690,7 @@ class LocalBackend:
             return
         # What the worker read of its stream: every call whose frame ends there or
         # before reached it (and may have started); the rest it never saw.
-        unsent = sum(len(view) for view in worker.outbox)
-        unread = _unread_bytes(worker.peer) if worker.peer is not None else 0
-        consumed = worker.sent_bytes - unsent - unread
+        consumed = self._consumed(worker)
         for call in worker.inflight.values():
             call.acked = isinstance(call.handle, int) and call.handle <= consumed
         failed_start = worker.state == "starting" and worker.kill_reason is None

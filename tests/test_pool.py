@@ -560,3 +560,41 @@ def test_pipelined_calls_behind_a_crash_run_elsewhere(pool: Pool) -> None:
     futures += [pool.submit("inc", i) for i in range(500, 1000)]
     assert [f.result(30) for f in futures] == [i + 1 for i in range(1000)]
     assert isinstance(crash.exception(30), WorkerCrashed)
+
+
+FORKS_A_HELPER = (
+    "import os, time\n"
+    "def fork_and_die(pidfile, code=3):\n"
+    "    pid = os.fork()\n"
+    "    if pid == 0:\n"
+    "        time.sleep(30)  # holds the worker's socket open\n"
+    "        os._exit(0)\n"
+    "    with open(pidfile, 'w') as f:\n"
+    "        f.write(str(pid))\n"
+    "    os._exit(code)\n"
+)
+
+
+@pytest.mark.parametrize("timeout", [None, 1.0])
+def test_a_death_is_seen_even_when_a_forked_helper_holds_the_socket(
+    pool: Pool, tmp_path: Path, timeout: float | None
+) -> None:
+    pool.define("fork_and_die", FORKS_A_HELPER)
+    pool.define("inc", INC)
+    pidfile = tmp_path / "helper.pid"
+    begun = time.monotonic()
+    try:
+        with pytest.raises(WorkerCrashed) as info:
+            pool.run("fork_and_die", str(pidfile), timeout=timeout)
+        assert info.value.returncode == 3
+        assert time.monotonic() - begun < 5  # not when the helper lets go of the socket
+        pool.wait_ready(10)
+        status = pool.status()
+        assert len(status.workers) == 2 and all(w.state == "idle" for w in status.workers)
+        assert pool.run("inc", 1) == 2
+    finally:
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

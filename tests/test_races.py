@@ -247,3 +247,17 @@ def test_a_crash_with_calls_waiting_in_the_socket_fails_only_the_started_one(
     os.kill(victim.pid, signal.SIGKILL)
     assert type(running.exception(10)).__name__ == "WorkerCrashed"
     assert [f.result(20) for f in others] == [i + 1 for i in range(20)]
+
+
+def test_a_cancel_that_lands_before_the_worker_read_the_call_still_interrupts_it(
+    pool: Pool,
+) -> None:
+    pool.define("hang", HANG)
+    pids = {w.pid for w in pool.status().workers}
+    for _ in range(20):
+        future = pool.submit("hang")
+        assert future.cancel()  # most often before the worker has read the frame
+        # interrupted, not killed after the 2 s grace: the same workers, free again
+        wait_for(lambda: pool.status().running == 0, timeout=1.5)
+    assert {w.pid for w in pool.status().workers} == pids
+    assert pool.status().cancelled == 20
