@@ -154,7 +154,12 @@ def dask_cluster(workdir: Path, workers: int = 2) -> Iterator[DaskTestCluster]:
         yield DaskTestCluster(address, processes)
     finally:
         stop(processes)
-        left = {p.pid: group_alive(p.pid) for p in processes}
-        left = {pgid: pids for pgid, pids in left.items() if pids}
+        deadline = time.monotonic() + STOP_GRACE  # a SIGKILLed process takes a moment to go
+        while True:
+            left = {p.pid: group_alive(p.pid) for p in processes}
+            left = {pgid: pids for pgid, pids in left.items() if pids}
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if left:
             raise AssertionError(f"Dask test processes outlived their cluster: {left}")
