@@ -322,6 +322,28 @@ _SCHEMA = {
 }
 
 
+_forks = 0  # how many forks this process is down its line (a fork's child adds one)
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+# The per-call reads, straight to diskcache's table (its own get() does more per call).
+# Keys and ids are short strings, which diskcache stores raw (raw = 1, mode = 1).
+_SELECT_VALUE = (
+    "SELECT mode, value FROM Cache WHERE key = ? AND raw = 1"
+    " AND (expire_time IS NULL OR expire_time > ?)"
+)
+_SELECT_EXISTS = (
+    "SELECT rowid FROM Cache WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)"
+)
+_MODE_RAW = 1
+
+
 class _Link:
     """One thread's SQLite connection; ``busy`` counts the store operations using it."""
 
@@ -345,7 +367,7 @@ class _Cache(diskcache.Cache):  # type: ignore[misc]
     def __init__(self, directory: str, timeout: float) -> None:
         self._links: list[_Link] = []
         self._links_lock = threading.Lock()
-        self._pid = os.getpid()
+        self._forks = _forks
         self._lock_timeout = timeout
         if not self._open_existing(directory, timeout):
             super().__init__(directory, timeout=timeout, **_SETTINGS)
@@ -381,14 +403,14 @@ class _Cache(diskcache.Cache):  # type: ignore[misc]
     @property
     def _con(self) -> sqlite3.Connection:
         link = getattr(self._local, "link", None)
-        if link is None or link.dead or self._pid != os.getpid():
+        if link is None or link.dead or self._forks != _forks:
             link = self._connect()
         return link.con
 
     def _connect(self) -> _Link:
-        if self._pid != os.getpid():
+        if self._forks != _forks:
             # A forked child must not use (nor lock) its parent's connections.
-            self._pid = os.getpid()
+            self._forks = _forks
             self._links = []
             self._links_lock = threading.Lock()
             self._local = threading.local()
@@ -434,7 +456,7 @@ class _Cache(diskcache.Cache):  # type: ignore[misc]
         """Mark this thread's connection in use, connecting if needed."""
         while True:
             link = getattr(self._local, "link", None)
-            if link is None or link.dead or self._pid != os.getpid():
+            if link is None or link.dead or self._forks != _forks:
                 link = self._connect()
             link.busy += 1
             if not link.dead:  # read after the increment: close() sees one or the other
@@ -638,18 +660,27 @@ class ProgramStore:
         (as returned by ``put``) resolves to itself if it is visible to the caller.
         Raises :class:`ProgramNotFound` otherwise.
         """
-        with self._guard(f"looking up {name!r}"):
-            if session is not None:
-                found = self._cache.get(_alias_key(session, name))
+        # The per-call hot path: no context manager, no diskcache get().
+        cache = self._cache
+        try:
+            link = cache.enter()
+            try:
+                now = time.time()
+                if session is not None:
+                    found = self._read_alias(link, _alias_key(session, name), now)
+                    if found is not None:
+                        return found
+                found = self._read_alias(link, _alias_key(None, name), now)
                 if found is not None:
-                    return str(found)
-            found = self._cache.get(_alias_key(None, name))
-            if found is not None:
-                return str(found)
-            if name.startswith("p") and len(name) == 32:
-                record = self._cache.get(_program_key(name))
-                if record is not None and record["session"] in (None, session):
-                    return name
+                    return found
+                if name.startswith("p") and len(name) == 32:
+                    record = cache.get(_program_key(name))
+                    if record is not None and record["session"] in (None, session):
+                        return name
+            finally:
+                cache.leave(link)
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+            raise self._error(f"looking up {name!r}", exc) from exc
         raise ProgramNotFound(name, session, self.names(session))
 
     def get(self, program_id: str) -> ProgramSpec:
@@ -662,8 +693,25 @@ class ProgramStore:
 
     def exists(self, program_id: str) -> bool:
         """True while ``program_id`` is stored (cheap: no payload is read)."""
-        with self._guard(f"checking program {program_id}"):
-            return _program_key(program_id) in self._cache
+        cache = self._cache
+        try:
+            link = cache.enter()
+            try:
+                key = _program_key(program_id)
+                return bool(link.con.execute(_SELECT_EXISTS, (key, time.time())).fetchall())
+            finally:
+                cache.leave(link)
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+            raise self._error(f"checking program {program_id}", exc) from exc
+
+    def _read_alias(self, link: _Link, key: str, now: float) -> str | None:
+        rows = link.con.execute(_SELECT_VALUE, (key, now)).fetchall()
+        if not rows:
+            return None
+        ((mode, value),) = rows
+        if mode != _MODE_RAW:  # not written by this module: let diskcache decode it
+            value = self._cache.get(key)
+        return None if value is None else str(value)
 
     def lookup(self, name: str, session: str | None = None) -> ProgramSpec:
         """``get(resolve(name, session))``."""

@@ -354,3 +354,25 @@ def test_pathological_source_is_an_invalid_program(
         store.put("f", source)
     assert store.names() == []
     assert store.put("f", "def f():\n    return 1\n").name == "f"  # the store is fine
+
+
+def _resolve_in_child(store: ProgramStore, name: str, queue: Any) -> None:
+    queue.put(store.resolve(name))
+
+
+def test_a_forked_child_opens_its_own_connection(store_dir: Path) -> None:
+    import multiprocessing
+
+    store = ProgramStore(store_dir)
+    spec = store.put("inc", INC)
+    assert store.resolve("inc") == spec.id  # the parent's connection exists before the fork
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_resolve_in_child, args=(store, "inc", queue))
+    child.start()
+    assert queue.get(timeout=20) == spec.id
+    child.join(20)
+    assert child.exitcode == 0
+    assert store.resolve("inc") == spec.id
+    queue.close()
+    queue.join_thread()
