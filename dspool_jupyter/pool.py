@@ -506,6 +506,8 @@ class Pool:
         self._closing = True
         self._dispatcher.post(Close())
         self._backend.close(timeout)
+        # Its descriptors go too (it reopens lazily if the caller uses it again).
+        self.store.close()
         registry.remove(self)
 
     def __getattr__(self, name: str) -> Any:

@@ -598,3 +598,19 @@ def test_a_death_is_seen_even_when_a_forked_helper_holds_the_socket(
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_closed_pools_hold_no_file_descriptors(store_dir: Path) -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with Pool(workers=1, store=store_dir) as warm:  # imports and first-time set-up
+        warm.wait_ready(30)
+    before = fds()
+    for _ in range(10):
+        pool = Pool(workers=1, store=store_dir)
+        pool.define("inc", INC)
+        pool.wait_ready(30)
+        assert pool.run("inc", 1) == 2
+        pool.close()
+    assert fds() <= before + 1
