@@ -88,7 +88,7 @@ from .errors import (
     UnknownWorker,
     UnpicklableArguments,
 )
-from .journal import JournalNotFound, list_journals, open_journal
+from .journal import JournalNotFound, check_journal_name, list_journals, open_journal
 from .mapping import MapHandle, MapProgress, MapResult
 from .pool import CallFuture, Pool, current_pool
 from .widget import DEFAULT_INTERVAL, FailuresView, StatusView, render_text
@@ -832,6 +832,11 @@ class DspoolMagics(Magics):
             raise UsageError("use either --arg K or --unpack, not both")
         if args.keep_errors and not args.journal:
             raise UsageError("--keep-errors keeps journaled failures: use it with --journal J")
+        if args.journal is not None:
+            try:
+                check_journal_name(args.journal)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         if args.over not in self.user_ns:
             raise UsageError(f"no variable {args.over!r} in the notebook; --over takes a list")
         source = self.user_ns[args.over]

@@ -154,7 +154,7 @@ class MapProgress:
         timing = [_seconds(self.elapsed)]
         rate = self.rate
         if rate is not None:
-            timing.append(f"{rate:.3g}/s")
+            timing.append(f"{rate:.0f}/s" if rate >= 100 else f"{rate:.3g}/s")
         if not self.finished and self.pending:
             eta = self.eta
             timing.append("? left" if eta is None else f"~{_seconds(eta)} left")
