@@ -210,11 +210,12 @@ def test_an_item_that_cannot_be_keyed_fails_alone(pool: Pool) -> None:
 
 def test_journal_reads_partial_results_while_the_map_runs(pool: Pool) -> None:
     pool.define("sleepy", SLEEPY)
-    handle = pool.map_async("sleepy", [0.0] * 4 + [30.0], journal="partial")
+    quick = [0.0, 0.001, 0.002, 0.003]  # distinct items: equal ones share one entry
+    handle = pool.map_async("sleepy", [*quick, 30.0], journal="partial")
     wait_for(lambda: pool.journals() and pool.journal("partial").progress().done == 4)
     journal = pool.journal("partial")
     results = journal.results()
-    assert results[:4] == [0.0] * 4 and results[4] is PENDING and results.pending == [4]
+    assert results[:4] == quick and results[4] is PENDING and results.pending == [4]
     handle.cancel()
     assert handle.result(10).cancelled == [4]
     assert journal.progress().pending == 1  # a cancelled call is not journaled
@@ -259,7 +260,7 @@ def test_a_killed_process_map_is_finished_by_a_new_process(
     ran_before = runs_of(runs)
     with open_journal(ProgramStore(store_dir), "kill") as journal:
         journaled = {i for i, v in enumerate(journal.results()) if v is not PENDING}
-    assert 90 <= len(journaled) < 200
+    assert 50 <= len(journaled) < 200
 
     pool = make_pool(2)
     result = pool.map(
@@ -270,7 +271,9 @@ def test_a_killed_process_map_is_finished_by_a_new_process(
     runs_now = runs_of(runs)
     assert set(runs_now) == set(range(200))
     rerun = {i for i, n in runs_now.items() if n > 1}
-    assert not rerun & journaled  # nothing that had finished ran again
-    assert rerun <= set(ran_before)  # the only reruns: calls under way at the kill
+    # Nothing journaled ran again; what ran again is exactly what was under way at the
+    # kill: started, not journaled yet (running, or its outcome not yet written).
+    assert rerun == set(ran_before) - journaled
     assert all(n <= 2 for n in runs_now.values())
-    assert len(rerun) <= 8, rerun  # 2 workers, each with a call running and one waiting
+    # Typically 2-3 (one call per worker); more only if the map's thread lagged badly.
+    assert len(rerun) <= 20, rerun
