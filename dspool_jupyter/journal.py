@@ -38,6 +38,10 @@ Decisions:
 - **Durability.** SQLite in WAL mode commits survive the death of the writing process
   (SIGKILL included); what can be lost is the last batch not yet committed, which
   holds only items that finished in the last moment (they run again).
+- **Sharing.** Two maps may write one journal at once (two kernels, say): every outcome
+  is kept, and ``progress()``/``results()`` follow the map that started last. Deleting a
+  journal while its map runs loses that map's later writes (its results in memory are
+  unaffected). Equal items of one map share one entry.
 """
 
 from __future__ import annotations
