@@ -149,6 +149,10 @@ def test_backend_dispatch_registry_and_surface(dask_address: str, store_dir: Pat
         "configure_lm",
         "set_worker_setup",
         "remove_worker_setup",
+        "map",
+        "map_async",
+        "journal",
+        "journals",
     }
     for name in dir(Pool):
         if name.startswith("_") or name in inherited:
@@ -468,3 +472,14 @@ def test_close_fails_pending_calls(make_dask_pool: MakePool) -> None:
     assert len(stopped) == 2 and {e.reason for e in stopped} == {"close"}
     assert {e.program for e in stopped} == {"nap"} and pool.status().state == "closed"
     assert events[-1].kind == "pool_closed"
+
+
+def test_journaled_map_runs_on_the_cluster_and_journals_in_the_kernels_store(
+    dpool: DaskPool,
+) -> None:
+    dpool.define("inc", INC)
+    first = dpool.map("inc", range(20), journal="on-dask")
+    assert list(first) == list(range(1, 21)) and first.restored == []
+    assert (dpool.store.directory / "journals" / "on-dask").is_dir()
+    again = dpool.map("inc", range(20), journal="on-dask")
+    assert list(again) == list(first) and again.restored == list(range(20))
