@@ -41,10 +41,14 @@ behind it:
 - **Map.** ``%dspool map NAME --over VAR`` makes one call per item of the list ``VAR``
   (each item is the one positional argument, or keyword ``--arg K``, or unpacked with
   ``--unpack``: a dict as keywords, a tuple or list as positionals; ``key=value`` inputs
-  are added to every call), all submitted at once, with a progress bar. It returns (or
-  stores in ``--out VAR``) a :class:`MapResult`: a list in input order in which a failed
-  item holds its exception, with ``.errors`` (index -> exception). Failures never stop
-  the other items; the cell lists the first few.
+  are added to every call), all submitted at once, with a progress bar (done, failed,
+  cancelled and restored counted apart; elapsed time, rate, time left). It returns (or
+  stores in ``--out VAR``) a :class:`~dspool_jupyter.mapping.MapResult`: a list in input
+  order in which a failed item holds its exception, with ``.errors`` (index ->
+  exception). Failures never stop the other items; the cell lists the first few. The
+  map itself is :mod:`dspool_jupyter.mapping` (``Pool.map``); ``--journal J`` makes it
+  durable (:mod:`dspool_jupyter.journal`), ``--bg`` returns its handle at once, and
+  ``%dspool journals`` lists the store's journals.
 - **Interrupt.** The kernel's stop button cancels the cell's calls: the one ``run`` waits
   for, every call of a ``map``, and the ``--bg`` calls started by that same cell (a
   ``--bg`` call of an earlier cell keeps running; ``handle.cancel()`` stops it). A
@@ -84,6 +88,8 @@ from .errors import (
     UnknownWorker,
     UnpicklableArguments,
 )
+from .journal import JournalNotFound, check_journal_name, list_journals, open_journal
+from .mapping import MapHandle, MapProgress, MapResult
 from .pool import CallFuture, Pool, current_pool
 from .widget import DEFAULT_INTERVAL, FailuresView, StatusView, render_text
 
@@ -106,6 +112,7 @@ DEFAULT_BG_NAME = "dspool_bg"  # where --bg puts its handle without --out
 START_WAIT = 60.0  # seconds %dspool start waits for every worker to be ready
 PROGRESS_INTERVAL = 0.25  # seconds between progress-bar updates of map
 SHOWN_MAP_ERRORS = 5  # failed items listed under a map
+MAP_CANCEL_WAIT = 5.0  # seconds an interrupted map waits for its cancelled calls to end
 SUBCOMMANDS = (
     "start",
     "program",
@@ -118,6 +125,7 @@ SUBCOMMANDS = (
     "errors",
     "restart",
     "stop",
+    "journals",
 )
 SYNTAX = {
     "start": "%dspool start [--workers N] [--store PATH] [--preload mod1,mod2] [--timeout S]"
@@ -126,13 +134,15 @@ SYNTAX = {
     "signature": "%%dspool signature NAME [--module Predict|ChainOfThought] [--session S],"
     " the signature in the cell",
     "run": "%dspool run NAME [key=value ...] [--session S] [--timeout S] [--bg] [--out VAR]",
-    "map": "%dspool map NAME --over VAR [key=value ...] [--arg K | --unpack] [--out VAR]",
+    "map": "%dspool map NAME --over VAR [key=value ...] [--arg K | --unpack] [--journal J"
+    " [--keep-errors]] [--session S] [--timeout S] [--bg] [--out VAR]",
     "lm": "%dspool lm MODEL [key=value ...]",
     "status": "%dspool status [--interval S] [--text]",
     "programs": "%dspool programs [--session S]",
     "errors": "dspool errors",
     "restart": "%dspool restart [WORKER]",
     "stop": "dspool stop",
+    "journals": "%dspool journals [--delete J]",
 }
 _KEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -282,22 +292,6 @@ def parse_cell_inputs(body: str) -> dict[str, Any]:
 # ------------------------------------------------------------------- results and handles
 
 
-class MapResult(list[Any]):
-    """The results of ``%dspool map`` in input order; a failed item holds its exception.
-
-    ``errors`` maps the index of each failed item to its exception.
-    """
-
-    def __init__(self, values: Iterable[Any] = (), errors: dict[int, BaseException] | None = None):
-        super().__init__(values)
-        self.errors: dict[int, BaseException] = dict(errors or {})
-
-    @property
-    def ok(self) -> bool:
-        """True when no item failed."""
-        return not self.errors
-
-
 class BackgroundCall:
     """The handle of a ``%dspool run --bg`` call (what ``--out VAR`` holds).
 
@@ -386,25 +380,21 @@ class _Progress:
     """The progress bar of a map (a display updated in place)."""
 
     label: str
-    total: int
-    done: int = 0
-    failed: int = 0
+    progress: MapProgress
     note: str = ""
 
     def text(self) -> str:
-        text = f"{self.label}: {self.done}/{self.total} done"
-        if self.failed:
-            text += f", {self.failed} failed"
-        return text + (f" ({self.note})" if self.note else "")
+        return self.progress.text(self.label) + (f" ({self.note})" if self.note else "")
 
     def _repr_mimebundle_(
         self, include: Any = None, exclude: Any = None, **kwargs: Any
     ) -> dict[str, str]:
         text = self.text()
-        colour = "#c62828" if self.failed else "inherit"
+        p = self.progress
+        colour = "#c62828" if p.failed or p.cancelled else "inherit"
         return {
             "text/plain": text,
-            "text/html": f'<progress value="{self.done}" max="{max(self.total, 1)}" '
+            "text/html": f'<progress value="{p.ended}" max="{max(p.total, 1)}" '
             f'style="width:20em"></progress> <span style="color:{colour}">'
             f"{html.escape(text)}</span>",
         }
@@ -809,8 +799,20 @@ class DspoolMagics(Magics):
         _arg("--over", metavar="VAR", type=_identifier, required=True, help="a list"),
         _arg("--arg", metavar="K", type=_identifier, help="pass each item as keyword K"),
         _arg("--unpack", action="store_true", help="dict items as keywords, tuples as args"),
+        _arg(
+            "--journal",
+            metavar="J",
+            type=_text,
+            help="write each outcome to journal J in the store; a rerun resumes from it",
+        ),
+        _arg(
+            "--keep-errors",
+            action="store_true",
+            help="with --journal: keep journaled failures instead of running them again",
+        ),
         _session,
         _timeout,
+        _arg("--bg", action="store_true", help="return at once with a handle in --out VAR"),
         _out,
     )
     def handle_map(self, args: argparse.Namespace, cell: str | None) -> MapResult | None:
@@ -818,11 +820,23 @@ class DspoolMagics(Magics):
 
         Returns the results in input order (a failed item holds its exception; see
         .errors); key=value inputs go to every call. Failures do not stop the others.
+        --journal J writes every outcome to the store as it ends: running the same map
+        again (after a kernel restart or death, too) restores those and runs only the
+        rest (failed items run again unless --keep-errors). --bg returns at once with a
+        handle in VAR (default dspool_bg): VAR.progress, VAR.result(), VAR.cancel().
 
         Example: %dspool map square --over numbers --out squares
+        Example: %dspool map qa --over questions --arg question --journal eval-1
         """
         if args.arg and args.unpack:
             raise UsageError("use either --arg K or --unpack, not both")
+        if args.keep_errors and not args.journal:
+            raise UsageError("--keep-errors keeps journaled failures: use it with --journal J")
+        if args.journal is not None:
+            try:
+                check_journal_name(args.journal)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         if args.over not in self.user_ns:
             raise UsageError(f"no variable {args.over!r} in the notebook; --over takes a list")
         source = self.user_ns[args.over]
@@ -839,91 +853,61 @@ class DspoolMagics(Magics):
         call_args, common = parse_inputs(args.inputs)
         pool = self._pool()
         self._resolve(pool, args.name, args.session)
-        progress = _Progress(f"map {args.name}", len(items))
-        shown = _display(progress, display_id=True) if self._in_kernel() else None
-        lock = threading.Lock()
-        finished = threading.Event()
-        counts = [0, 0]  # done, failed
-
-        def count(future: concurrent.futures.Future[Any]) -> None:
-            with lock:
-                counts[0] += 1
-                if future.cancelled() or future.exception() is not None:
-                    counts[1] += 1
-                if counts[0] >= len(items):
-                    finished.set()
-
-        futures: list[concurrent.futures.Future[Any]] = []
         try:
-            for item in items:
-                futures.append(self._submit_item(pool, args, item, call_args, common))
-                futures[-1].add_done_callback(count)
-            if not items:
-                finished.set()
-            while not finished.wait(PROGRESS_INTERVAL):
-                self._show_progress(shown, progress, counts)
+            handle = MapHandle(
+                pool,
+                args.name,
+                items,
+                arg=args.arg,
+                unpack=args.unpack,
+                session=args.session,
+                timeout=args.timeout,
+                journal=args.journal,
+                keep_errors=args.keep_errors,
+                common_args=call_args,
+                common_kwargs=common,
+            )
+        except (ValueError, TypeError, DspoolError) as exc:
+            raise UsageError(str(exc)) from None
+        view = _Progress(f"map {args.name}", handle.progress)
+        shown = _display(view, display_id=True) if self._in_kernel() else None
+        if args.bg:
+            self._map_bg(handle, view, shown, args.out or DEFAULT_BG_NAME)
+            return None
+        try:
+            handle.start()
+            while not handle.wait(PROGRESS_INTERVAL):
+                _show_progress(shown, view, handle)
         except KeyboardInterrupt:
-            for future in futures:
-                future.cancel()
-            progress.note = "interrupted: the remaining calls were cancelled"
-            self._show_progress(shown, progress, counts)
+            handle.cancel()
+            handle.wait(MAP_CANCEL_WAIT)
+            view.note = "interrupted: the remaining calls were cancelled"
+            _show_progress(shown, view, handle)
+            if args.out is not None and handle.done():
+                self.user_ns[args.out] = handle.result()
             raise
-        self._show_progress(shown, progress, counts)
-        values: list[Any] = []
-        errors: dict[int, BaseException] = {}
-        for index, future in enumerate(futures):
-            try:
-                values.append(future.result())
-            except concurrent.futures.CancelledError as exc:
-                errors[index] = exc
-                values.append(exc)
-            except Exception as exc:
-                errors[index] = exc
-                values.append(exc)
-        result = MapResult(values, errors)
-        if errors:
-            lines = [f"{len(errors)} of {len(items)} calls failed:"]
-            for index in list(errors)[:SHOWN_MAP_ERRORS]:
-                error = errors[index]
-                lines.append(f"  [{index}] {type(error).__name__}: {error}")
-            if len(errors) > SHOWN_MAP_ERRORS:
-                lines.append(f"  ... ({len(errors) - SHOWN_MAP_ERRORS} more in .errors)")
-            sys.stdout.write("\n".join(lines) + "\n")
+        _show_progress(shown, view, handle)
+        result = handle.result()
+        summary = _map_summary(result, len(items), args.journal)
+        if summary:
+            sys.stdout.write(summary)
         if args.out is not None:
             self.user_ns[args.out] = result
             return None
         return result
 
-    def _submit_item(
-        self,
-        pool: Pool,
-        args: argparse.Namespace,
-        item: Any,
-        call_args: list[Any],
-        common: dict[str, Any],
-    ) -> concurrent.futures.Future[Any]:
-        positional = list(call_args)
-        kwargs = dict(common)
-        if args.arg:
-            kwargs[args.arg] = item
-        elif args.unpack:
-            if isinstance(item, dict):
-                kwargs.update(item)
-            elif isinstance(item, (tuple, list)):
-                positional.extend(item)
-            else:
-                return _failed(TypeError(f"--unpack: cannot unpack a {type(item).__name__}"))
-        else:
-            positional.append(item)
-        return pool.submit(
-            args.name, *positional, session=args.session, timeout=args.timeout, **kwargs
-        )
+    def _map_bg(self, handle: MapHandle, view: _Progress, shown: Any, name: str) -> None:
+        self.user_ns[name] = handle
+        view.note = f"{name}.result() waits for the results"
 
-    @staticmethod
-    def _show_progress(shown: Any, progress: _Progress, counts: list[int]) -> None:
-        progress.done, progress.failed = counts[0], counts[1]
-        if shown is not None:
-            shown.update(progress)
+        def follow() -> None:
+            while not handle.wait(PROGRESS_INTERVAL):
+                _show_progress(shown, view, handle)
+            view.note = f"{name}.result() has the results"
+            _show_progress(shown, view, handle)
+
+        handle.start()
+        threading.Thread(target=follow, name="dspool-map-progress", daemon=True).start()
 
     @_subcommand(
         "dspool lm",
@@ -1035,11 +1019,104 @@ class DspoolMagics(Magics):
         pool.close()
         sys.stdout.write("dspool: pool stopped\n")
 
+    @_subcommand(
+        "dspool journals",
+        _arg("--delete", metavar="J", type=_text, help="delete journal J and its results"),
+    )
+    def handle_journals(self, args: argparse.Namespace, cell: str | None) -> None:
+        """List the map journals in the store (progress, age, size), or --delete J.
 
-def _failed(error: BaseException) -> concurrent.futures.Future[Any]:
-    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-    future.set_exception(error)
-    return future
+        A journal is written by %dspool map ... --journal J; pool.journal("J") reads it.
+
+        Example: %dspool journals --delete eval-1
+        """
+        from .store import ProgramStore
+
+        pool = current_pool()
+        store = pool.store if pool is not None else ProgramStore(None)
+        try:
+            if args.delete is not None:
+                open_journal(store, args.delete).delete()
+                sys.stdout.write(f"deleted journal {args.delete!r}\n")
+                return
+            infos = list_journals(store)
+        except (JournalNotFound, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        except DspoolError as exc:
+            raise UsageError(str(exc)) from None
+        finally:
+            if pool is None:
+                store.close()
+        if not infos:
+            sys.stdout.write("no journals (%dspool map NAME --over VAR --journal J makes one)\n")
+            return
+        rows = [("journal", "program", "done", "failed", "items", "age", "size")]
+        for info in infos:
+            rows.append(
+                (
+                    info.name,
+                    info.program or "?",
+                    str(info.done),
+                    str(info.failed),
+                    str(info.total),
+                    _age(info.age),
+                    _size(info.size_bytes),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [
+            "  ".join(text.ljust(w) for text, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
+        sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _show_progress(shown: Any, view: _Progress, handle: MapHandle) -> None:
+    view.progress = handle.progress
+    if shown is not None:
+        shown.update(view)
+
+
+def _map_summary(result: MapResult, total: int, journal: str | None) -> str:
+    """What a finished map prints under its bar: restored items, failures, cancellations."""
+    lines = []
+    if journal is not None:
+        lines.append(
+            f"journal {journal!r}: {len(result.restored)} restored, "
+            f"{total - len(result.restored)} run"
+        )
+    failed = result.failed
+    if failed:
+        lines.append(f"{len(failed)} of {total} calls failed:")
+        for index in failed[:SHOWN_MAP_ERRORS]:
+            error = result.errors[index]
+            lines.append(f"  [{index}] {type(error).__name__}: {error}")
+        if len(failed) > SHOWN_MAP_ERRORS:
+            lines.append(f"  ... ({len(failed) - SHOWN_MAP_ERRORS} more in .errors)")
+    if result.cancelled:
+        lines.append(f"{len(result.cancelled)} of {total} calls were cancelled")
+    return "".join(line + "\n" for line in lines)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def _size(size: int) -> str:
+    if size < 1000:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 _OVERVIEW = """Run programs on the kernel's pool of worker processes.
@@ -1050,9 +1127,10 @@ _OVERVIEW = """Run programs on the kernel's pool of worker processes.
     %%dspool signature NAME [--module Predict|ChainOfThought] [--session S]
     %dspool run NAME [key=value ...] [--session S] [--timeout S] [--bg] [--out VAR]
     %%dspool run NAME [--session S] [--bg]        (cell: JSON object or key = value lines)
-    %dspool map NAME --over VAR [key=value ...] [--arg K | --unpack] [--out VAR]
+    %dspool map NAME --over VAR [key=value ...] [--arg K | --unpack] [--journal J]
+                [--bg] [--out VAR]
     %dspool lm MODEL [key=value ...]
-    %dspool status | programs | errors | restart [WORKER] | stop
+    %dspool status | programs | errors | restart [WORKER] | stop | journals
 
 Commands that need a pool start one with the defaults when there is none. Values are
 Python literals, else text. `%dspool SUBCOMMAND --help` shows one subcommand's help.
@@ -1070,6 +1148,7 @@ Examples:
     %dspool run square x=7 --bg --out job     # job.result() later
     numbers = list(range(100))
     %dspool map square --over numbers --out squares
+    %dspool map square --over numbers --journal squares-1   # rerun resumes
 """
 
 

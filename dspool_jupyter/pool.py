@@ -40,7 +40,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -67,6 +67,10 @@ from .events import Event, EventBus, ProgramDefined, ProgramDeleted
 from .local_backend import OWNER_ENV
 from .status import PoolStatus
 from .store import ProgramStore
+
+if TYPE_CHECKING:
+    from .journal import Journal, JournalInfo
+    from .mapping import MapHandle, MapResult
 
 __all__ = [
     "CANCEL_GRACE",
@@ -509,6 +513,63 @@ class Pool:
         # Its descriptors go too (it reopens lazily if the caller uses it again).
         self.store.close()
         registry.remove(self)
+
+    # ------------------------------------------- maps and journals (mapping.py, journal.py)
+    def map(
+        self,
+        program: str,
+        items: Iterable[Any],
+        *,
+        arg: str | None = None,
+        unpack: bool = False,
+        session: str | None = None,
+        timeout: float | None = None,
+        journal: str | None = None,
+        keep_errors: bool = False,
+        common_args: tuple[Any, ...] = (),
+        common_kwargs: dict[str, Any] | None = None,
+    ) -> MapResult:
+        """Call ``program`` once per item, in parallel; the results in input order.
+
+        Each item is the call's one positional argument (after ``common_args``), or
+        keyword ``arg``, or with ``unpack`` a dict's keywords / a tuple's arguments;
+        ``common_kwargs`` go to every call. A failed item holds its exception (see
+        ``.errors``). ``journal="NAME"`` writes each outcome to the store as it ends and
+        restores it on the next run of the same map (failed items run again unless
+        ``keep_errors``). The stop button (KeyboardInterrupt) cancels every call. See
+        :mod:`dspool_jupyter.mapping`.
+        """
+        from .mapping import MapHandle
+
+        handle = MapHandle(
+            self, program, items, arg=arg, unpack=unpack, session=session, timeout=timeout,
+            journal=journal, keep_errors=keep_errors, common_args=common_args,
+            common_kwargs=common_kwargs,
+        )  # fmt: skip
+        try:
+            handle.start()
+            return handle.result()
+        except KeyboardInterrupt:
+            handle.cancel()
+            raise
+
+    def map_async(self, program: str, items: Iterable[Any], **options: Any) -> MapHandle:
+        """``map`` without waiting: a started handle (``progress``, ``result()``, ``cancel()``)."""
+        from .mapping import start_map
+
+        return start_map(self, program, items, **options)
+
+    def journal(self, name: str) -> Journal:
+        """The map journal ``name`` of this pool's store: progress, results, ``delete()``."""
+        from .journal import open_journal
+
+        return open_journal(self.store, name)
+
+    def journals(self) -> list[JournalInfo]:
+        """Every map journal in this pool's store, with progress, age and size."""
+        from .journal import list_journals
+
+        return list_journals(self.store)
 
     def __getattr__(self, name: str) -> Any:
         # Backend-specific extras (e.g. the Dask backend's worker_addresses()).

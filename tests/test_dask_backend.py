@@ -442,3 +442,14 @@ def test_close_fails_pending_calls(make_dask_pool: MakePool) -> None:
     assert len(stopped) == 2 and {e.reason for e in stopped} == {"close"}
     assert {e.program for e in stopped} == {"nap"} and pool.status().state == "closed"
     assert events[-1].kind == "pool_closed"
+
+
+def test_journaled_map_runs_on_the_cluster_and_journals_in_the_kernels_store(
+    dpool: Pool,
+) -> None:
+    dpool.define("inc", INC)
+    first = dpool.map("inc", range(20), journal="on-dask")
+    assert list(first) == list(range(1, 21)) and first.restored == []
+    assert (dpool.store.directory / "journals" / "on-dask").is_dir()
+    again = dpool.map("inc", range(20), journal="on-dask")
+    assert list(again) == list(first) and again.restored == list(range(20))

@@ -163,6 +163,9 @@ def test_program_error_shows_the_worker_traceback_and_the_kernel_carries_on(k: K
         ("%%dspool program noentry\nx = 1\n", "does not define its entry"),
         ("%dspool map square --over missing", "no variable 'missing'"),
         ("%dspool map square", "--over"),
+        ("%dspool map square --over items --keep-errors", "use it with --journal J"),
+        ("%dspool map square --over items --journal a/b", "journal name 'a/b' is not valid"),
+        ("%dspool journals --delete nope", "no journal 'nope'"),
         ("%dspool restart w999", "no worker 'w999'"),
         ("%%dspool status\nbody", "takes no cell body"),
         ("%dspool run square q='open", "not closed"),
@@ -306,8 +309,60 @@ def test_map_200_items_with_3_failures(k: Kernel) -> None:
         if m["header"]["msg_type"] == "update_display_data"
         and m["content"]["transient"]["display_id"] == progress_id
     ]
-    assert updates[-1] == "map flaky: 200/200 done, 3 failed"
+    final = r"map flaky: 200/200 · 197 done, 3 failed · [\d.]+ s, [\d.]+/s"
+    assert re.fullmatch(final, updates[-1]), updates[-1]
     assert k.run("%dspool map square --over items --arg x").result is not None
+
+
+def test_interrupted_map_counts_done_and_cancelled_apart(k: Kernel) -> None:
+    k.run("naps = [0, 0, 60, 60, 60, 60]")
+    mapping = k.submit("%dspool map sleepy --over naps --out partial")
+    k.wait_for_message(
+        lambda m: (
+            m["parent_header"].get("msg_id") == mapping.msg_id
+            and m["header"]["msg_type"] == "update_display_data"
+            and "2 done" in m["content"]["data"]["text/plain"]
+        ),
+        timeout=15,
+    )
+    k.km.interrupt_kernel()
+    k.wait(mapping, timeout=15)
+    assert mapping.error[0] == "KeyboardInterrupt"
+    last = [
+        m["content"]["data"]["text/plain"]
+        for m in mapping.messages
+        if m["header"]["msg_type"] == "update_display_data"
+    ][-1]
+    assert last.startswith("map sleepy: 6/6 · 2 done, 4 cancelled · "), last
+    assert (
+        last.endswith("(interrupted: the remaining calls were cancelled)") and "failed" not in last
+    )
+    assert k.value("(partial[:2], partial.cancelled, partial.failed)") == ([0, 0], [2, 3, 4, 5], [])
+    wait_for(lambda: _pool_value(k, "running") == 0 and _pool_value(k, "queued") == 0, timeout=10)
+
+
+def test_journaled_map_resumes_and_journals_are_listed(k: Kernel) -> None:
+    k.run("%dspool journals --delete evens", ok=None)
+    k.run("evens = list(range(0, 40, 2))")
+    first = k.run("%dspool map flaky --over evens --journal evens --out r1")
+    assert first.stream().startswith("journal 'evens': 0 restored, 20 run\n")
+    again = k.run("%dspool map flaky --over evens --journal evens --out r2")
+    assert again.stream() == "journal 'evens': 20 restored, 0 run\n"
+    assert k.value("r2 == r1 == [2 * i for i in evens] and r2.restored == list(range(20))")
+    listed = k.run("%dspool journals").stream().splitlines()
+    assert listed[0].split() == ["journal", "program", "done", "failed", "items", "age", "size"]
+    row = next(line.split() for line in listed if line.startswith("evens "))
+    assert row[:5] == ["evens", "flaky", "20", "0", "20"] and row[-1] in ("KB", "MB")
+    assert "holds results of program 'flaky'" in (
+        k.run("%dspool map square --over evens --journal evens", ok=False).stream("stderr")
+    )
+    background = k.run("%dspool map flaky --over evens --journal evens --bg --out job")
+    assert background.result is None
+    assert k.value("job.result(10).restored == list(range(20))")
+    assert k.run("%dspool journals --delete evens").stream() == "deleted journal 'evens'\n"
+    assert "no journal 'evens'" in k.run("%dspool journals --delete evens", ok=False).stream(
+        "stderr"
+    )
 
 
 def test_restart_stop_and_autostart(k: Kernel) -> None:
