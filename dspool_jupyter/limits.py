@@ -25,8 +25,9 @@ Decisions:
   the difference once the provider reports the real usage.
 - **429s, with or without a limit set.** A refusal pauses the model for every worker
   until the provider's ``Retry-After`` (or an exponential back-off when it gives none),
-  and lowers the pace multiplicatively (:data:`DECREASE`, at most once per pause: the
-  429s of requests sent before the last decrease do not decrease it again). Each answered
+  and lowers the pace multiplicatively (:data:`DECREASE`, at most once per flight: the
+  429s of requests whose permits were issued before the last decrease do not decrease
+  it again). Each answered
   request raises the pace additively, up to the limit set, or without bound when none is
   set (a model with no limit is unpaced until its first 429). Reservations that a pause
   overtook are moved after it when the worker wakes (``confirm``). The worker retries the
@@ -169,6 +170,7 @@ class _Permit:
     model: _Model
     tokens: float  # reserved (estimated) tokens
     start: float
+    issued: float  # when it was asked for: a 429 decreases the pace set before then once
     call_id: int | None
     program: str | None
 
@@ -218,7 +220,9 @@ class ProviderLimits:
     """The pool's one broker of LM permits: limits, pace, pauses, budget and ledger.
 
     ``directory``: a private directory for the Unix socket (the store's); None or a path
-    too long for a socket means TCP on ``host`` (loopback by default). ``labels``: see
+    too long for a socket means TCP on ``host`` (loopback by default; for Dask workers on
+    other machines, ``host="0.0.0.0"`` and ``advertise`` = this machine's address as the
+    workers reach it: the token is then the only guard). ``labels``: see
     :class:`~dspool_jupyter.usage.Ledger`. :attr:`env` is what a worker's environment
     needs (:data:`LLM_BROKER_ENV`).
     """
@@ -228,6 +232,7 @@ class ProviderLimits:
         directory: str | os.PathLike[str] | None = None,
         *,
         host: str = "127.0.0.1",
+        advertise: str | None = None,
         labels: Labels | None = None,
         max_tries: int = DEFAULT_MAX_TRIES,
     ) -> None:
@@ -258,7 +263,7 @@ class ProviderLimits:
         else:
             server = _TCPServer((host, 0), _Handler, bind_and_activate=True)
             port = server.server_address[1]
-            self.address = f"tcp:{host}:{port}"
+            self.address = f"tcp:{advertise or host}:{port}"
         server.broker = self
         server.connections = set()
         self._server = server
@@ -454,6 +459,7 @@ class ProviderLimits:
                 m,
                 tokens,
                 start,
+                now,
                 None if call_id is None else int(call_id),
                 message.get("program"),
             )
@@ -512,7 +518,7 @@ class ProviderLimits:
                 pause = min(BACKOFF_MAX, BACKOFF_BASE * 2**m.refusals_in_row)
             m.refusals_in_row += 1
             m.paused_until = max(m.paused_until, now + pause)
-            if permit.start >= m.last_decrease:
+            if permit.issued >= m.last_decrease:
                 current = m.pace() or m.recent_rate(now)
                 if m.rate is None and m.rpm is None:
                     m.scale = current

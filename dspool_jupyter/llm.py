@@ -120,6 +120,13 @@ class BrokerClient:
                         ) from exc
             raise AssertionError("unreachable")
 
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None and self._pid == os.getpid():
+                self._reader.close()
+                self._sock.close()
+            self._sock = self._reader = None
+
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
         self._sock = self._reader = None

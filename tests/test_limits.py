@@ -308,3 +308,48 @@ def test_a_forked_child_opens_its_own_connection(limits: ProviderLimits) -> None
         os.waitpid(pid, 0)
         worker_llm.request(MODEL, lambda: post(server.url, "parent again"), usage=usage_of)
     assert limits.usage().requests == 3
+
+
+def test_a_429_pauses_the_model_for_every_process(limits: ProviderLimits) -> None:
+    # Two connections: what two worker processes hold.
+    one, two = (worker_llm.BrokerClient(limits.env[LLM_BROKER_ENV]) for _ in range(2))
+    first = one.call({"op": "acquire", "model": MODEL})
+    waiting = two.call({"op": "acquire", "model": MODEL})
+    assert first["delay"] == 0 and waiting["delay"] == 0  # no limit, no 429 yet: unpaced
+    refused = one.call({"op": "refused", "permit": first["permit"], "retry_after": 2.0})
+    assert 1.9 <= refused["pause"] <= 2.0
+    assert "none set" in refused["limit"]
+    # The other process's reservation predates the pause: confirming it moves it after.
+    assert 1.9 <= two.call({"op": "confirm", "permit": waiting["permit"]})["delay"] <= 2.0
+    later = two.call({"op": "acquire", "model": MODEL})
+    assert later["delay"] >= 1.9
+    other = two.call({"op": "acquire", "model": "openai/another-model"})
+    assert other["delay"] == 0  # the pause is the model's alone
+    one.close()
+    two.close()
+
+
+def test_pace_decreases_on_429_and_recovers_additively(limits: ProviderLimits) -> None:
+    limits.set_rate_limit(MODEL, rpm=600)
+    client = worker_llm.BrokerClient(limits.env[LLM_BROKER_ENV])
+
+    def pace() -> float:
+        (model,) = limits.snapshot().models
+        assert model.pace_rpm is not None
+        return model.pace_rpm
+
+    full = pace()
+    assert full == pytest.approx(600 * 0.97)
+    permits = [client.call({"op": "acquire", "model": MODEL})["permit"] for _ in range(3)]
+    client.call({"op": "refused", "permit": permits[0], "retry_after": 0.0})
+    assert pace() == pytest.approx(full * 0.75)
+    # Requests sent before that decrease do not decrease it again.
+    client.call({"op": "refused", "permit": permits[1], "retry_after": 0.0})
+    assert pace() == pytest.approx(full * 0.75)
+    client.call({"op": "done", "permit": permits[2], "prompt_tokens": 1, "completion_tokens": 1})
+    assert pace() == pytest.approx(full * 0.75 + 0.02 * 600)
+    for _ in range(20):
+        permit = client.call({"op": "acquire", "model": MODEL})["permit"]
+        client.call({"op": "done", "permit": permit, "prompt_tokens": 1, "completion_tokens": 1})
+    assert pace() == pytest.approx(full)  # back to the limit's pace, never above it
+    client.close()
