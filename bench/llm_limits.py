@@ -136,6 +136,7 @@ def run_dspool(url: str, inflight: int, items: list[str], rpm: float | None) -> 
         pool = Pool(workers=inflight, store=os.path.join(tmp, "store"), preload=["dspy"])
         try:
             pool.wait_ready(120)
+            pool.set_worker_setup("llm", "from dspool_jupyter.llm import install_dspy_hook as llm")
             pool.configure_lm(MODEL, api_base=url, api_key="x", cache=False, num_retries=0)
             pool.define_signature("qa", "question -> answer")
             if rpm is not None:

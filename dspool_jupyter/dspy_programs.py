@@ -568,7 +568,6 @@ def configure_lm(pool: Pool, model: Any, **kwargs: Any) -> None:
             "dspool: this pool does not preload dspy, so each worker imports it itself "
             "(about 1 s each); start the pool with preload=['dspy'] for fast DSPy workers"
         )
-    pool.set_worker_setup("llm", "from dspool_jupyter.llm import install_dspy_hook as llm")
     pool.set_worker_setup(LM_SETUP_KEY, apply_lm, config)
     _pool_lms[pool] = config
 

@@ -18,7 +18,10 @@ reports the provider's usage (or the 429) afterwards. Three ways in:
   :func:`request` retries for you.
 - **The runtime**: :func:`collect_call_usage` around each call gathers that call's
   usage (from the permits whose :data:`~dspool_jupyter.context.current_call` is it) for
-  the call's reply.
+  the call's reply, and installs the DSPy hook once dspy is imported. No pool set-up is
+  added: an extra set-up per worker delays a replacement's first call, which
+  ``tests/test_dspy_programs.py`` (a replacement must serve one of 20 quick calls)
+  showed failing 3 times in 10 with it, never without.
 
 The broker's address comes from :data:`~dspool_jupyter.limits.LLM_BROKER_ENV`; without it
 (a process outside a pool) permits are free and nothing is reported. One connection per
@@ -32,6 +35,7 @@ import asyncio
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -171,8 +175,13 @@ def collect_call_usage(call_id: int) -> Iterator[Usage]:
     """Gather the usage of call ``call_id``'s LM requests while the block runs.
 
     The runtime wraps each call in it (with :data:`current_call` set to that call) and
-    puts the :class:`~dspool_jupyter.usage.Usage` in the call's reply.
+    puts the :class:`~dspool_jupyter.usage.Usage` in the call's reply. It also installs
+    the DSPy hook when dspy is imported in this process (a program that imports dspy
+    only during its first call has that call's requests unhooked: preload dspy, or set
+    the LM with ``configure_lm``, which imports it in a set-up).
     """
+    if "dspy" in sys.modules:
+        install_dspy_hook()  # idempotent; cheap once installed
     usage = Usage()
     with _collect_lock:
         _collectors[call_id] = usage
