@@ -11,6 +11,7 @@ import signal
 from typing import Any
 
 __all__ = [
+    "BudgetExceeded",
     "CallCancelled",
     "CallTimeout",
     "DspoolError",
@@ -19,6 +20,7 @@ __all__ = [
     "PoolStartTimeout",
     "ProgramError",
     "ProgramNotFound",
+    "RateLimitExceeded",
     "StoreError",
     "UnknownWorker",
     "UnpicklableArguments",
@@ -241,3 +243,41 @@ def unloadable_result(program: str, worker_id: str | None, exc: BaseException) -
         "",
         phase="result",
     )
+
+
+class RateLimitExceeded(DspoolError):
+    """Raised when an LM request was still refused (429) after the pool's bounded retries.
+
+    Every try honoured the provider's ``Retry-After``; ``limit`` is what the provider
+    said in its last refusal plus the pool's own limit for the model, if any.
+    """
+
+    def __init__(self, model: str, tries: int, limit: str) -> None:
+        self.model = model
+        self.tries = tries
+        self.limit = limit
+        super().__init__(
+            f"LM requests to model {model!r} were refused with 429 (rate limit) {tries} "
+            f"times in a row; giving up on this request. Limit seen: {limit}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.model, self.tries, self.limit)
+
+
+class BudgetExceeded(DspoolError):
+    """Raised at once for an LM request made after the pool's budget was spent.
+
+    ``spent`` says what was spent against which maximum; answered calls keep their results.
+    """
+
+    def __init__(self, model: str, spent: str) -> None:
+        self.model = model
+        self.spent = spent
+        super().__init__(
+            f"the pool's LM budget is spent ({spent}); request to model {model!r} not sent. "
+            "Raise it with pool.set_budget(...)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.model, self.spent)
