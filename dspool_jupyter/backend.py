@@ -44,6 +44,7 @@ class BackendOptions:
     address: str | None
     connect_timeout: float
     token: str
+    env: dict[str, str]  # what every worker's environment needs (the LM broker's address)
 
 
 @dataclass(eq=False)

@@ -134,7 +134,7 @@ class LocalBackend:
             "concurrency": options.concurrency,
         }
         self.token = options.token
-        self.env_extra: dict[str, str] = {}
+        self.env_extra: dict[str, str] = dict(options.env)
         self.d: Dispatcher | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)

@@ -35,6 +35,7 @@ import concurrent.futures
 import importlib
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -58,12 +59,14 @@ from .dispatch import (
     Setup,
 )
 from .errors import (
+    DspoolError,
     PoolClosed,
     ProgramNotFound,
     UnknownWorker,
     UnpicklableArguments,
 )
 from .events import Event, EventBus, ProgramDefined, ProgramDeleted
+from .limits import ProviderLimits
 from .local_backend import OWNER_ENV
 from .status import PoolStatus
 from .store import ProgramStore
@@ -71,6 +74,7 @@ from .store import ProgramStore
 if TYPE_CHECKING:
     from .journal import Journal, JournalInfo
     from .mapping import MapHandle, MapResult
+    from .usage import UsageReport
 
 __all__ = [
     "CANCEL_GRACE",
@@ -90,6 +94,7 @@ DEFAULT_MAX_RESULT_BYTES = 1 << 30  # a larger pickled result is an error, not a
 # Backends by name, imported only when asked (the dask extra is optional).
 BACKENDS = {"local": "local_backend:LocalBackend", "dask": "dask_backend:DaskBackend"}
 
+_SET_ENV = "import os\ndef llm_broker(env):\n    os.environ.update(env)\n"
 _MAIN_THREAD = threading.main_thread().ident
 _tracking = threading.local()
 
@@ -195,6 +200,18 @@ class Pool:
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._closing = False
         self._bus = EventBus()
+        # One broker of LM permits and one usage ledger for every worker (limits.py):
+        # a Unix socket in the private store directory, or TCP for a Dask cluster.
+        if backend == "local":
+            self.limits = ProviderLimits(self.store.directory, labels=self._usage_labels)
+        else:
+            remote = address is not None and not _is_loopback(address)
+            self.limits = ProviderLimits(
+                None,
+                host="0.0.0.0" if remote else "127.0.0.1",
+                advertise=socket.gethostbyname(socket.gethostname()) if remote else None,
+                labels=self._usage_labels,
+            )
         self._dispatcher = Dispatcher(
             target=target,
             concurrency=concurrency,
@@ -218,10 +235,18 @@ class Pool:
             address=address,
             connect_timeout=connect_timeout,
             token=self.token,
+            env=self.limits.env,
         )
-        self._backend = getattr(module, class_name)(options)
-        self._dispatcher.backend = self._backend
-        self._backend.start(self._dispatcher)
+        try:
+            self._backend = getattr(module, class_name)(options)
+            self._dispatcher.backend = self._backend
+            self._backend.start(self._dispatcher)
+        except BaseException:
+            self.limits.close()
+            raise
+        if backend != "local":
+            # Remote workers learn the broker's address from a set-up (new workers too).
+            self.set_worker_setup("llm_broker", _SET_ENV, self.limits.env)
         registry.add(self)
 
     # ------------------------------------------------------------------ public API
@@ -510,9 +535,61 @@ class Pool:
         self._closing = True
         self._dispatcher.post(Close())
         self._backend.close(timeout)
+        self.limits.close()
         # Its descriptors go too (it reopens lazily if the caller uses it again).
         self.store.close()
         registry.remove(self)
+
+    # ------------------------------------------- provider limits and usage (limits.py)
+    def set_rate_limit(
+        self,
+        model: str,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        *,
+        plain: bool = False,
+    ) -> None:
+        """One limit for ``model`` across every worker: ``rpm`` requests and ``tpm``
+        tokens per minute (both None: no limit). Every LM request of every worker takes
+        a permit from the kernel side; 429s pause the model pool-wide and are retried.
+
+        Raises ValueError for an unknown model or a limit that is not a positive number,
+        and :class:`DspoolError` on a pool with no LM (``configure_lm``) unless
+        ``plain=True`` says plain programs take permits themselves
+        (:func:`dspool_jupyter.llm.permit`).
+        """
+        if not plain:
+            from . import dspy_programs
+
+            if dspy_programs.current_lm(self) is None:
+                raise DspoolError(
+                    f"this pool has no LM, so a limit on {model!r} would limit nothing: "
+                    "configure one first (pool.configure_lm / %dspool lm), or pass "
+                    "plain=True when your programs take permits with "
+                    "dspool_jupyter.llm.permit"
+                )
+        self.limits.set_rate_limit(model, rpm=rpm, tpm=tpm)
+
+    def set_budget(self, max_cost: float | None = None, max_tokens: int | None = None) -> None:
+        """Stop LM requests (with :class:`BudgetExceeded`) once ``max_cost`` dollars or
+        ``max_tokens`` tokens are spent; calls already answered keep their results."""
+        self.limits.set_budget(max_cost, max_tokens)
+
+    def usage(self) -> UsageReport:
+        """LM requests, tokens and cost so far: totals, per program, session and model."""
+        return self.limits.usage()
+
+    def _usage_labels(
+        self, call_id: int | None, program: str | None
+    ) -> tuple[str | None, str | None]:
+        d = self._dispatcher
+        if call_id is not None:
+            with d.lock:
+                for worker in d.workers.values():
+                    call = worker.inflight.get(call_id)
+                    if call is not None:
+                        return call.program, call.session
+        return program, None
 
     # ------------------------------------------- maps and journals (mapping.py, journal.py)
     def map(
@@ -593,6 +670,11 @@ def on_current_pool_changed(callback: Callable[[Pool | None], None]) -> Callable
     return registry.on_current_changed(
         lambda pool: callback(pool if isinstance(pool, Pool) else None)
     )
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def preload_modules(preload: Iterable[str]) -> list[str]:

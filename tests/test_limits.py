@@ -23,7 +23,7 @@ import pytest
 
 from dspool_jupyter import Pool
 from dspool_jupyter import llm as worker_llm
-from dspool_jupyter.errors import BudgetExceeded, ProgramError, RateLimitExceeded
+from dspool_jupyter.errors import BudgetExceeded, DspoolError, ProgramError, RateLimitExceeded
 from dspool_jupyter.limits import LLM_BROKER_ENV, ProviderLimits, check_model
 from tests.llm_server import LLMServer
 
@@ -65,16 +65,16 @@ def run_all(pools: list[Pool], n: int, tag: str) -> list[Any]:
     return [f.result(60) for f in futures]
 
 
-def test_two_pools_share_one_limit(
-    make_pool: Callable[..., Pool], limits: ProviderLimits, record_property: Recorder
+def test_one_limit_for_every_worker(
+    make_pool: Callable[..., Pool], record_property: Recorder
 ) -> None:
     # 4 workers could send ~50 requests/s; the server takes 10/s (50 per 5 s window).
     with LLMServer(latency=0.05, limit=(50, 5.0)) as server:
-        pools = [dspy_pool(make_pool, server), dspy_pool(make_pool, server)]
-        limits.set_rate_limit(MODEL, rpm=600)
-        run_all(pools, 8, "warm-up")  # every worker's first request (connection, engine)
+        pool = dspy_pool(make_pool, server, workers=4)
+        pool.set_rate_limit(MODEL, rpm=600)
+        run_all([pool], 8, "warm-up")  # every worker's first request (connection, engine)
         start = len(server.stats()["ok_times"])
-        answers = run_all(pools, 100, "question")
+        answers = run_all([pool], 100, "question")
         stats = server.stats()
     assert len(answers) == 100 and all(a.answer.startswith("answer ") for a in answers)
     measured = stats["ok_times"][start:]
@@ -84,7 +84,7 @@ def test_two_pools_share_one_limit(
     record_property("refused_fraction", round(refused, 3))
     assert refused <= 0.05, f"{refused:.1%} of requests refused"
     assert rate >= 0.8 * 10, f"{rate * 60:.0f} rpm achieved of 600"
-    usage = limits.usage()
+    usage = pool.usage()
     assert usage.requests == stats["ok"]
     assert usage.prompt_tokens == stats["prompt_tokens"]
     assert usage.completion_tokens == stats["completion_tokens"]
@@ -94,7 +94,7 @@ def test_two_pools_share_one_limit(
 
 
 def test_without_a_limit_every_call_succeeds(
-    make_pool: Callable[..., Pool], limits: ProviderLimits, record_property: Recorder
+    make_pool: Callable[..., Pool], record_property: Recorder
 ) -> None:
     # No limit set: the server refuses beyond 10 requests per second and every 429 is
     # retried (pool-wide pause, then AIMD pacing) until every call has its answer.
@@ -105,20 +105,20 @@ def test_without_a_limit_every_call_succeeds(
     assert [a.answer.startswith("answer ") for a in answers] == [True] * 60
     record_property("refused", stats["refused"])
     assert stats["refused"] > 0  # the server did refuse: the retries were exercised
-    usage = limits.usage()
+    usage = pool.usage()
     assert usage.requests == stats["ok"] == 60
     assert usage.rate_limited == stats["refused"]
     assert usage.prompt_tokens == stats["prompt_tokens"]
 
 
 def test_budget_stops_further_requests_and_keeps_answers(
-    make_pool: Callable[..., Pool], limits: ProviderLimits
+    make_pool: Callable[..., Pool],
 ) -> None:
     with LLMServer(latency=0.01) as server:
         pool = dspy_pool(make_pool, server)
         answered = run_all([pool], 4, "before")
-        spent = limits.usage().total_tokens
-        limits.set_budget(max_tokens=spent)
+        spent = pool.usage().total_tokens
+        pool.set_budget(max_tokens=spent)
         sent = server.stats()["requests"]
         started = time.monotonic()
         with pytest.raises(ProgramError, match=r"budget is spent \(\d+ tokens spent of max_tokens"):
@@ -126,8 +126,16 @@ def test_budget_stops_further_requests_and_keeps_answers(
         assert time.monotonic() - started < 5.0
         assert server.stats()["requests"] == sent  # refused before anything was sent
     assert [a.answer.startswith("answer ") for a in answered] == [True] * 4
-    snapshot = limits.snapshot()
+    snapshot = pool.limits.snapshot()
     assert snapshot.budget.exhausted and snapshot.budget.spent_tokens == spent
+
+
+def test_a_limit_on_a_pool_without_an_lm_is_a_clear_error(pool: Pool) -> None:
+    with pytest.raises(DspoolError, match="no LM"):
+        pool.set_rate_limit(MODEL, rpm=100)
+    pool.set_rate_limit(MODEL, rpm=100, plain=True)  # plain programs take permits
+    with pytest.raises(ValueError, match="rpm"):
+        pool.set_rate_limit(MODEL, rpm=-1, plain=True)
 
 
 def test_a_limit_that_never_clears_fails_naming_model_and_limit(
