@@ -494,7 +494,8 @@ class Dispatcher:
             self.fail(call, unloadable_result(call.program, worker.id, exc), worker)
         else:
             future._call = None
-            if resolve(future, value):
+            # Worker set-ups are the pool's own calls: not in the counts.
+            if resolve(future, value) and not call.setup:
                 worker.done += 1
                 self.done += 1
                 if self.bus.active:
