@@ -80,6 +80,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
+from .calls import echo_output
 from .errors import (
     DspoolError,
     PoolStartTimeout,
@@ -346,13 +347,6 @@ def _one_line(exc: BaseException) -> BaseException:
     return exc
 
 
-def _echo(future: CallFuture) -> None:
-    if future.stdout:
-        sys.stdout.write(future.stdout)
-    if future.stderr:
-        sys.stderr.write(future.stderr)
-
-
 def _display(obj: object, **kwargs: Any) -> Any:
     from IPython.display import display
 
@@ -598,7 +592,7 @@ class DspoolMagics(Magics):
         except KeyboardInterrupt:
             future.cancel()
             raise
-        _echo(future)
+        echo_output(future)
         try:
             return future.result()
         except ProgramError:
