@@ -16,13 +16,14 @@ hand-off of a call to a worker with a free slot (:meth:`Backend.send`).
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from .calls import Call
 
-__all__ = ["Backend", "BackendOptions", "KillReason", "SlotState", "WorkerSlot"]
+__all__ = ["Backend", "call_locked_soon", "BackendOptions", "KillReason", "SlotState", "WorkerSlot"]
 
 SlotState = Literal["starting", "idle", "busy", "stopping", "dead"]
 KillReason = Literal["crashed", "timeout", "cancel", "restart", "close", "stuck"]
@@ -88,6 +89,21 @@ class WorkerSlot:
             if call.started:
                 return call.program
         return None
+
+
+def call_locked_soon(loop: Any, lock: Any, callback: Callable[[], None]) -> None:
+    """Run ``callback()`` on ``loop``'s thread with ``lock`` held (both backends use it)."""
+    if loop is None:
+        return
+
+    def locked() -> None:
+        with lock:
+            callback()
+
+    try:
+        loop.call_soon_threadsafe(locked)
+    except RuntimeError:
+        pass  # the loop is closed: the pool is gone
 
 
 class Backend(Protocol):

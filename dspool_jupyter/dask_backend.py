@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 import cloudpickle
 
 from . import registry
-from .backend import BackendOptions, KillReason, WorkerSlot
+from .backend import BackendOptions, KillReason, WorkerSlot, call_locked_soon
 from .errors import DspoolError, PoolClosed, ProgramError, ProgramNotFound
 from .store import ProgramSpec
 
@@ -209,19 +209,8 @@ class DaskBackend:
         return threading.get_ident() == self.loop_thread
 
     def call_soon(self, callback: object) -> None:
-        loop = self.loop
-        if loop is None:
-            return
         assert callable(callback)
-
-        def locked() -> None:
-            with self._d().lock:
-                callback()
-
-        try:
-            loop.call_soon_threadsafe(locked)
-        except RuntimeError:
-            pass
+        call_locked_soon(self.loop, self._d().lock, callback)
 
     def send(self, slot: WorkerSlot, call: Call) -> bool:
         assert isinstance(slot, DaskWorker)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import protocol
-from .backend import BackendOptions, KillReason, WorkerSlot
+from .backend import BackendOptions, KillReason, WorkerSlot, call_locked_soon
 from .errors import DspoolError
 
 if TYPE_CHECKING:
@@ -173,20 +173,8 @@ class LocalBackend:
         return threading.get_ident() == self._loop_thread
 
     def call_soon(self, callback: object) -> None:
-        loop = self._loop
-        if loop is None:
-            return
         assert callable(callback)
-
-        def locked() -> None:
-            assert self.d is not None
-            with self.d.lock:
-                callback()
-
-        try:
-            loop.call_soon_threadsafe(locked)
-        except RuntimeError:
-            pass  # the loop is closed
+        call_locked_soon(self._loop, self._d().lock, callback)
 
     def send(self, slot: WorkerSlot, call: Call) -> bool:
         assert isinstance(slot, LocalWorker)
