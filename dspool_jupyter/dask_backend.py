@@ -96,6 +96,10 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # seconds the constructor waits to reach the scheduler
 CLOSE_TIMEOUT = 5.0  # seconds close() waits for Dask to cancel, disconnect and stop
+# Seconds close() lets an interrupted call end before it kills its worker (through the
+# nanny): Dask's cancel never stops a running thread, and a call left hanging would hold
+# the shared cluster's thread for good.
+CLOSE_GRACE = 2.0
 FAST_POLL_INTERVAL = 0.1  # seconds between polls just after a start, a death or a kill
 FAST_POLL_SPAN = 10.0  # seconds of fast polling after each of those
 HELLO_RETRY_MAX = 30.0  # seconds: longest wait before a failed hello is tried again
@@ -107,6 +111,11 @@ _RESULT = "result"
 _ERROR = "error"
 _NEED_SPEC = "need_spec"
 _MISROUTED = "misrouted"
+# What _interrupt_call found, and the Dask task states that may still reach the program.
+_INTERRUPT_SENT = "sent"
+_INTERRUPT_PENDING = "pending"
+_INTERRUPT_GONE = "gone"
+_TASK_WAITING = frozenset({"ready", "constrained", "waiting", "executing", "long-running"})
 
 
 @dataclass(eq=False)
@@ -261,7 +270,8 @@ class DaskBackend:
         assert isinstance(slot, DaskWorker)
         task = call.handle
         if isinstance(task, DaskTask):
-            self._spawn(self._interrupt(slot, task.key))
+            # Until the grace ends (then the dispatcher kills the worker).
+            self._spawn(self._interrupt(slot, task.key, self._d().cancel_grace))
 
     def kill(self, slot: WorkerSlot, reason: KillReason) -> None:
         """SIGKILL ``slot``'s process through its nanny (which starts a new one)."""
@@ -687,16 +697,34 @@ class DaskBackend:
         except Exception:
             log.debug("dspool: cancelling Dask tasks failed", exc_info=True)
 
-    async def _interrupt(self, worker: DaskWorker, key: str) -> None:
-        try:
-            await self.client.run(_interrupt_call, key, workers=[worker.address], on_error="return")
-        except Exception:
-            log.debug("dspool: interrupting %s failed", key, exc_info=True)
+    async def _interrupt(self, worker: DaskWorker, key: str, patience: float = 0.0) -> bool:
+        """Interrupt call ``key`` on ``worker``; True if it still runs afterwards.
+
+        A task the pool counts as running may not have reached its program yet (Dask
+        queues it on the worker's thread); the interrupt is sent again until it lands or
+        ``patience`` seconds (at least one try) have passed.
+        """
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                answers = await self.client.run(
+                    _interrupt_call, key, workers=[worker.address], on_error="return"
+                )
+            except Exception:
+                log.debug("dspool: interrupting %s failed", key, exc_info=True)
+                return False  # the worker is gone (or unreachable): nothing runs there
+            answer = answers.get(worker.address)
+            if answer not in (_INTERRUPT_SENT, _INTERRUPT_PENDING):
+                return False
+            if time.monotonic() >= deadline:
+                return True
+            await asyncio.sleep(0.1)
 
     # -- shutdown
     async def _shutdown(self) -> None:
         d = self._d()
         futures = []
+        running: list[tuple[DaskWorker, str]] = []
         with d.lock:
             d.stopped = True
             for worker in list(d.workers.values()):
@@ -705,6 +733,7 @@ class DaskBackend:
                     task = call.handle
                     if isinstance(task, DaskTask) and task.future is not None:
                         futures.append(task.future)
+                        running.append((worker, task.key))
                 if worker.hello is not None:
                     futures.append(worker.hello)
                     worker.hello = None
@@ -716,7 +745,25 @@ class DaskBackend:
                 await asyncio.wait_for(self.client.cancel(futures, force=True), CLOSE_TIMEOUT)
             except Exception:
                 log.debug("dspool: cancelling Dask tasks at close failed", exc_info=True)
+        if running:
+            await self._stop_running(running)
         await self._disconnect()
+
+    async def _stop_running(self, running: list[tuple[DaskWorker, str]]) -> None:
+        """Interrupt the pool's calls still running on the cluster; kill the workers
+        (through their nannies) whose call still runs after CLOSE_GRACE."""
+        still = await asyncio.gather(
+            *(self._interrupt(worker, key, CLOSE_GRACE) for worker, key in running)
+        )
+        stuck = {id(w): w for (w, _), alive in zip(running, still, strict=True) if alive}
+        for worker in stuck.values():
+            if worker.nanny is not None and worker.pid is not None:
+                await self._kill_through_nanny(worker)
+            else:
+                log.warning(
+                    "dspool: a call still runs on %s after close, which has no nanny",
+                    worker.address,
+                )
 
     async def _disconnect(self) -> None:
         client, self.client = self.client, None
@@ -746,6 +793,7 @@ def _dspool_version() -> str:
 _worker_lock = threading.Lock()
 _worker_programs: collections.OrderedDict[str, Callable[..., Any]] = collections.OrderedDict()
 _worker_running: dict[str, int] = {}  # call key -> ident of the thread running it
+_worker_interrupted: set[str] = set()  # running calls already sent their interrupt
 _call_output = threading.local()
 
 
@@ -878,6 +926,7 @@ def _dask_call(
             finally:
                 with _worker_lock:
                     _worker_running.pop(key, None)
+                    _worker_interrupted.discard(key)
         except KeyboardInterrupt as exc:
             return _error_info("cancelled", exc, out.getvalue(), err.getvalue())
         except BaseException as exc:  # SystemExit too: a program's exit is its error
@@ -906,16 +955,29 @@ def _dask_call(
     return (_RESULT, out.getvalue(), err.getvalue(), result)
 
 
-def _interrupt_call(key: str) -> bool:
-    """Raise KeyboardInterrupt in the thread running call ``key`` (``client.run``)."""
+def _interrupt_call(key: str, dask_worker: Any = None) -> str:
+    """Raise KeyboardInterrupt in the thread running call ``key`` (``client.run``).
+
+    Says whether it was sent, whether the task is still on its way to the program (try
+    again), or whether nothing of it runs here any more.
+    """
     with _worker_lock:
         ident = _worker_running.get(key)
-        if ident is None:
-            return False
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt)
-        )
-    return True
+        if ident is not None:
+            if key in _worker_interrupted:
+                return _INTERRUPT_SENT  # once: a second one could land in its handler
+            _worker_interrupted.add(key)
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt)
+            )
+            return _INTERRUPT_SENT
+    state = getattr(dask_worker, "state", None)
+    if state is None:
+        return _INTERRUPT_GONE
+    task = state.tasks.get(key)
+    if task is not None and (task in state.executing or task.state in _TASK_WAITING):
+        return _INTERRUPT_PENDING
+    return _INTERRUPT_GONE
 
 
 def _kill_worker_process(pid: int, dask_worker: Any = None) -> bool:

@@ -848,7 +848,7 @@ class Dispatcher:
                         program=w.running_program(),
                         done=w.done,
                         cancelled=w.cancelled,
-                        active=sum(1 for c in w.inflight.values() if c.started),
+                        active=sum(1 for c in w.inflight.values() if c.started and not c.setup),
                         slots=w.slots,
                     )
                     for w in self.workers.values()

@@ -21,7 +21,8 @@ class WorkerStatus:
     ``calls`` every call that ended on this worker, ``done`` those that returned a value,
     ``errors`` those that ended in an error (the program raised, the worker crashed, the
     call timed out), ``cancelled`` those cancelled while they ran. ``active`` is how many
-    calls run on it now, out of ``slots`` (the pool's ``concurrency``).
+    calls run on it now, out of ``slots`` (the pool's ``concurrency``); worker set-ups
+    are the pool's own work and count in none of these (the state says 'busy').
     """
 
     id: str

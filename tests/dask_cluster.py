@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ADDRESS_ENV = "DSPOOL_TEST_DASK_ADDRESS"
 START_TIMEOUT = 60.0  # seconds for the scheduler and both workers to come up
@@ -163,3 +164,14 @@ def dask_cluster(workdir: Path, workers: int = 2) -> Iterator[DaskTestCluster]:
             time.sleep(0.05)
         if left:
             raise AssertionError(f"Dask test processes outlived their cluster: {left}")
+
+
+def executing(address: str) -> dict[str, list[str]]:
+    """The keys of the tasks each of the cluster's workers is executing now."""
+    from distributed import Client
+
+    def keys(dask_worker: Any) -> list[str]:
+        return sorted(str(task.key) for task in dask_worker.state.executing)
+
+    with Client(address, timeout=30) as client:
+        return dict(client.run(keys))

@@ -24,6 +24,7 @@ from dspool_jupyter.errors import (
     UnpicklableArguments,
 )
 from tests.conftest import assert_no_leftovers, wait_for
+from tests.dask_cluster import executing
 from tests.programs import BOOM, HANG, INC, SLEEPY, WHOAMI
 
 pytestmark = pytest.mark.timeout(120)
@@ -93,7 +94,9 @@ def test_sessions_stick_isolate_and_keep_order(any_pool: Pool) -> None:
     assert futures[-1].result(20) == list(range(10))
 
 
-def test_cancel_queued_and_running(any_pool: Pool) -> None:
+def test_cancel_queued_and_running(
+    any_pool: Pool, backend: str, request: pytest.FixtureRequest
+) -> None:
     any_pool.define("hang", HANG)
     any_pool.define("inc", INC)
     running = [any_pool.submit("hang") for _ in range(2)]
@@ -104,6 +107,9 @@ def test_cancel_queued_and_running(any_pool: Pool) -> None:
     done, not_done = concurrent.futures.wait([*running, queued], timeout=5)
     assert not not_done
     wait_for(lambda: any_pool.status().running == 0, timeout=30)
+    if backend == "dask":  # stopped on the cluster too, not only in the pool
+        address = request.getfixturevalue("dask_address")
+        wait_for(lambda: not _ours(executing(address), any_pool), timeout=20)
     any_pool.wait_ready(60)
     assert any_pool.run("inc", 1) == 2
     assert any_pool.status().cancelled == 3
@@ -162,3 +168,10 @@ def test_close_ends_every_call(
     assert pool.status().state == "closed"
     if backend == "local":
         assert_no_leftovers([pool.token])
+    else:  # Dask's cancel leaves threads running: the pool stops them on a shared cluster
+        address = str(kwargs["address"])
+        wait_for(lambda: not any(_ours(executing(address), pool)), timeout=20)
+
+
+def _ours(executing: dict[str, list[str]], pool: Pool) -> list[str]:
+    return [key for keys in executing.values() for key in keys if pool.token in key]

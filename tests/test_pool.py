@@ -532,7 +532,8 @@ def test_a_corrupt_store_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "corrupt"
     path.mkdir(mode=0o700)
     (path / "cache.db").write_bytes(b"not a database" * 1000)
-    with pytest.raises(StoreError, match="cannot open the program store at .*corrupt"):
+    match = "program store at .*corrupt: opening failed: file is not a database"
+    with pytest.raises(StoreError, match=match):
         Pool(workers=1, store=path)
 
 
