@@ -160,14 +160,20 @@ class LocalBackend:
         self._started.wait(10.0)
 
     def wake(self) -> None:
-        if not self._wake_pending:
-            # The byte first: an interrupt between the two leaves the flag down, so the
-            # next post sends again (never a set flag with no byte: that would wedge).
-            try:
+        # Any thread, without the lock. The flag goes up *before* the byte: a set flag
+        # always means a byte is on its way, posted after the command, so the loop reads
+        # that command after its next wake-up. (The byte first let a loop that had just
+        # read it clear the flag before it went up: later posts sent nothing, and waited
+        # for INBOX_CHECK.) An interrupt between the two lowers the flag again.
+        try:
+            if not self._wake_pending:
+                self._wake_pending = True
                 self._wake_w.send(b"\0")
-            except (BlockingIOError, OSError):
-                pass  # a wake-up byte is already pending, or the pool is gone
-            self._wake_pending = True
+        except (BlockingIOError, OSError):
+            pass  # a wake-up byte is already pending, or the pool is gone
+        except BaseException:
+            self._wake_pending = False
+            raise
 
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_thread

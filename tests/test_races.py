@@ -5,7 +5,8 @@
 - SIGINT (the kernel's stop button) landing at any instant of ``run``/``submit`` leaves
   each call cancelled or tracked, and the pool serving (a child process takes the storm);
 - a call handed to a worker that was already SIGKILLed runs elsewhere: only a call that
-  may have started on a dead worker fails with ``WorkerCrashed``.
+  may have started on a dead worker fails with ``WorkerCrashed``;
+- no wake-up of the loop is lost when threads post while it drains its inbox.
 """
 
 from __future__ import annotations
@@ -33,6 +34,33 @@ from tests.programs import HANG, INC, SLEEPY, WHOAMI
 pytestmark = pytest.mark.timeout(120)
 
 MakePool = Callable[..., Pool]
+
+
+def test_no_wake_up_is_lost_when_threads_post_while_the_loop_drains(
+    make_pool: MakePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop also reads its inbox every INBOX_CHECK seconds, which hides a lost
+    # wake-up as a stall; pushed out of reach, a lost one leaves a call unserved.
+    from dspool_jupyter import local_backend
+
+    monkeypatch.setattr(local_backend, "INBOX_CHECK", 3600.0)
+    pool = make_pool(2)
+    pool.wait_ready(30)
+    pool.define("inc", INC)
+    for _ in range(60):
+        futures: list[concurrent.futures.Future[int]] = []
+
+        def submit_some() -> None:
+            futures.extend(pool.submit("inc", i) for i in range(12))
+
+        threads = [threading.Thread(target=submit_some) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(f.result(10) for f in futures) == sorted(
+            i + 1 for i in range(12) for _ in range(4)
+        )
 
 
 def test_a_cancelled_queued_call_is_done_for_every_waiter(make_pool: MakePool) -> None:
