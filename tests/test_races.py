@@ -50,10 +50,10 @@ def test_no_wake_up_is_lost_when_threads_post_while_the_loop_drains(
     for _ in range(60):
         futures: list[concurrent.futures.Future[int]] = []
 
-        def submit_some() -> None:
-            futures.extend(pool.submit("inc", i) for i in range(12))
+        def submit_some(into: list[concurrent.futures.Future[int]]) -> None:
+            into.extend(pool.submit("inc", i) for i in range(12))
 
-        threads = [threading.Thread(target=submit_some) for _ in range(4)]
+        threads = [threading.Thread(target=submit_some, args=(futures,)) for _ in range(4)]
         for thread in threads:
             thread.start()
         for thread in threads:
