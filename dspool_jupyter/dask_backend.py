@@ -100,6 +100,7 @@ CLOSE_TIMEOUT = 5.0  # seconds close() waits for Dask to cancel, disconnect and 
 # nanny): Dask's cancel never stops a running thread, and a call left hanging would hold
 # the shared cluster's thread for good.
 CLOSE_GRACE = 2.0
+INTERRUPT_REACH = 2.0  # seconds an interrupt may take to reach a worker (a dead one: never)
 FAST_POLL_INTERVAL = 0.1  # seconds between polls just after a start, a death or a kill
 FAST_POLL_SPAN = 10.0  # seconds of fast polling after each of those
 HELLO_RETRY_MAX = 30.0  # seconds: longest wait before a failed hello is tried again
@@ -271,7 +272,7 @@ class DaskBackend:
         task = call.handle
         if isinstance(task, DaskTask):
             # Until the grace ends (then the dispatcher kills the worker).
-            self._spawn(self._interrupt(slot, task.key, self._d().cancel_grace))
+            self._spawn(self._interrupt(slot, task.key, self._d().cancel_grace, task.future))
 
     def kill(self, slot: WorkerSlot, reason: KillReason) -> None:
         """SIGKILL ``slot``'s process through its nanny (which starts a new one)."""
@@ -693,28 +694,35 @@ class DaskBackend:
 
     async def _cancel_dask_async(self, futures: list[Any]) -> None:
         try:
-            await self.client.cancel(futures, force=True)
+            await asyncio.wait_for(self.client.cancel(futures, force=True), CLOSE_TIMEOUT)
         except Exception:
             log.debug("dspool: cancelling Dask tasks failed", exc_info=True)
 
-    async def _interrupt(self, worker: DaskWorker, key: str, patience: float = 0.0) -> bool:
-        """Interrupt call ``key`` on ``worker``; True if it still runs afterwards.
+    async def _interrupt(
+        self, worker: DaskWorker, key: str, patience: float = 0.0, future: Any = None
+    ) -> bool:
+        """Interrupt call ``key`` on ``worker``; True if it may still run afterwards.
 
-        A task the pool counts as running may not have reached its program yet (Dask
-        queues it on the worker's thread); the interrupt is sent again until it lands or
-        ``patience`` seconds (at least one try) have passed.
+        A task the pool counts as running may not have reached its program yet, or even
+        its worker (Dask queues it on the worker's thread; the worker may not have
+        received it); while its ``future`` is pending, the interrupt is tried again
+        until it lands, or ``patience`` seconds (at least one try) have passed.
         """
         deadline = time.monotonic() + patience
         while True:
             try:
-                answers = await self.client.run(
-                    _interrupt_call, key, workers=[worker.address], on_error="return"
+                answers = await asyncio.wait_for(
+                    self.client.run(
+                        _interrupt_call, key, workers=[worker.address], on_error="return"
+                    ),
+                    max(0.0, deadline - time.monotonic()) + INTERRUPT_REACH,
                 )
             except Exception:
                 log.debug("dspool: interrupting %s failed", key, exc_info=True)
                 return False  # the worker is gone (or unreachable): nothing runs there
             answer = answers.get(worker.address)
-            if answer not in (_INTERRUPT_SENT, _INTERRUPT_PENDING):
+            on_its_way = future is not None and future.status == "pending"
+            if answer not in (_INTERRUPT_SENT, _INTERRUPT_PENDING) and not on_its_way:
                 return False
             if time.monotonic() >= deadline:
                 return True
@@ -723,38 +731,41 @@ class DaskBackend:
     # -- shutdown
     async def _shutdown(self) -> None:
         d = self._d()
-        futures = []
-        running: list[tuple[DaskWorker, str]] = []
+        unwanted: list[Any] = []  # Dask futures to cancel at once
+        running: list[tuple[DaskWorker, DaskTask]] = []
         with d.lock:
             d.stopped = True
             for worker in list(d.workers.values()):
                 assert isinstance(worker, DaskWorker)
+                being_killed = worker.state in ("stopping", "dead")
                 for call in worker.inflight.values():
                     task = call.handle
                     if isinstance(task, DaskTask) and task.future is not None:
-                        futures.append(task.future)
-                        running.append((worker, task.key))
+                        if being_killed:  # its process goes: no thread to stop
+                            unwanted.append(task.future)
+                        else:
+                            running.append((worker, task))
                 if worker.hello is not None:
-                    futures.append(worker.hello)
+                    unwanted.append(worker.hello)
                     worker.hello = None
             d.end_shutdown()
-        for task in list(self.tasks):
-            task.cancel()
-        if futures:
-            try:
-                await asyncio.wait_for(self.client.cancel(futures, force=True), CLOSE_TIMEOUT)
-            except Exception:
-                log.debug("dspool: cancelling Dask tasks at close failed", exc_info=True)
+        for pending in list(self.tasks):
+            pending.cancel()
+        if unwanted:
+            await self._cancel_dask_async(unwanted)
         if running:
             await self._stop_running(running)
         await self._disconnect()
 
-    async def _stop_running(self, running: list[tuple[DaskWorker, str]]) -> None:
-        """Interrupt the pool's calls still running on the cluster; kill the workers
-        (through their nannies) whose call still runs after CLOSE_GRACE."""
+    async def _stop_running(self, running: list[tuple[DaskWorker, DaskTask]]) -> None:
+        """Stop the pool's calls on the cluster: Dask's cancel never stops a running
+        thread, so each is interrupted, and a worker whose call still runs after
+        CLOSE_GRACE is killed through its nanny."""
         still = await asyncio.gather(
-            *(self._interrupt(worker, key, CLOSE_GRACE) for worker, key in running)
+            *(self._interrupt(w, task.key, CLOSE_GRACE, task.future) for w, task in running)
         )
+        # Those not started yet never will (a started one ignores this).
+        await self._cancel_dask_async([task.future for _, task in running])
         stuck = {id(w): w for (w, _), alive in zip(running, still, strict=True) if alive}
         for worker in stuck.values():
             if worker.nanny is not None and worker.pid is not None:
