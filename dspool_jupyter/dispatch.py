@@ -863,8 +863,9 @@ class Dispatcher:
                 state = "starting"
             else:
                 state = "degraded"
+            # Posts append to the inbox without the lock: copy it in one C step first.
             queued = len(self.queue) + sum(
-                1 for c in self.inbox if isinstance(c, Call) and not c.future.done()
+                1 for c in tuple(self.inbox) if isinstance(c, Call) and not c.future.done()
             )
             queued += sum(len(w.queue) for w in self.workers.values())
             return PoolStatus(

@@ -63,6 +63,31 @@ def test_no_wake_up_is_lost_when_threads_post_while_the_loop_drains(
         )
 
 
+def test_status_while_threads_submit(make_pool: MakePool) -> None:
+    pool = make_pool(2)
+    pool.wait_ready(30)
+    pool.define("inc", INC)
+    stop = threading.Event()
+    futures: list[concurrent.futures.Future[int]] = []
+
+    def submit_until_stopped() -> None:
+        while not stop.is_set():
+            futures.append(pool.submit("inc", 1))
+
+    threads = [threading.Thread(target=submit_until_stopped) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3000):
+            status = pool.status()  # reads the inbox the submitters append to
+            assert status.queued >= 0
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert all(f.result(30) == 2 for f in futures)
+
+
 def test_a_cancelled_queued_call_is_done_for_every_waiter(make_pool: MakePool) -> None:
     pool = make_pool(1)
     pool.wait_ready(30)
