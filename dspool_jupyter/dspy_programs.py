@@ -13,9 +13,9 @@ later pool on the same store) builds it from the store alone:
   ``%%dspool program`` cell that defines it.
 - **Module programs**: a ``%%dspool program`` cell (kind ``'source'``) whose entry is a
   ``dspy.Module`` subclass. Each worker instantiates it once, with no arguments, and
-  calls the instance (:func:`build_module_program`, reached from
-  ``worker.build_program``). Any other callable in such a cell (a function that uses a
-  module, a module instance) is called as it is.
+  calls the instance (:func:`build_module_program`, registered with
+  :mod:`dspool_jupyter.programs` as an entry wrapper). Any other callable in such a cell
+  (a function that uses a module, a module instance) is called as it is.
 
 Inputs are checked before any LM call: a signature program takes its input fields as
 keywords (or positionally, in the signature's order) and a missing or unknown field is a
@@ -69,6 +69,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import programs
 from .errors import DspoolError, InvalidProgram
 from .store import _PARSE_LOCK, ProgramSpec
 
@@ -595,3 +596,14 @@ def current_lm(pool: SupportsWorkerSetup) -> dict[str, Any] | None:
     }
     model = config["model"] if config["lm"] is None else repr(config["lm"])
     return {"model": model, **shown, "max_history_size": config["max_history_size"]}
+
+
+def _module_entry(spec: ProgramSpec, entry: Any) -> ModuleProgram | None:
+    """A source program whose entry is a ``dspy.Module`` class runs one instance of it."""
+    if isinstance(entry, type) and programs.is_dspy_module(entry):
+        return build_module_program(spec, entry)
+    return None
+
+
+programs.register_kind("signature", build_signature_program)
+programs.wrap_entry(_module_entry)

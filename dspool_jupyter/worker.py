@@ -26,9 +26,7 @@ import ctypes
 import ctypes.util
 import gc
 import importlib
-import io
 import json
-import linecache
 import os
 import resource
 import select
@@ -39,19 +37,16 @@ import threading
 import time
 import traceback
 import types
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
-from . import protocol
+from . import protocol, runtime
+from .context import CallContext
 from .errors import ProgramNotFound
-from .store import ProgramSpec, ProgramStore
+from .store import ProgramStore
 
 __all__ = ["main"]
 
-PROGRAM_CACHE_SIZE = 256  # compiled programs kept per worker
 SHUTDOWN_GRACE = 1.0  # seconds the template waits for workers after SIGTERM
 PARENT_POLL_INTERVAL = 0.5  # seconds between checks that the parent is still there
 PR_SET_PDEATHSIG = 1
@@ -86,9 +81,8 @@ class _Worker:
         self.config = config
         self.parent_pid = os.getppid()
         self.send_lock = threading.Lock()
-        self.in_call = False
-        self.current_call: int | None = None
-        self.programs: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+        self.state: runtime.CallState | None = None  # the running call (concurrency 1)
+        self.programs = runtime.ProgramCache()
         self.max_result_bytes: int = int(config["max_result_bytes"])
         self.store = ProgramStore(config["store"], anonymous_ttl=config.get("anonymous_ttl"))
 
@@ -97,10 +91,22 @@ class _Worker:
         with self.send_lock:
             protocol.send_frame(self.sock, kind, meta, blob)
 
+    def reply(self, call_id: int, reply: runtime.Reply) -> None:
+        if reply.info is None:
+            self.send(protocol.RESULT, (call_id, reply.out, reply.err), reply.blob)
+        else:
+            self.send(protocol.ERROR, (call_id, reply.info, reply.out, reply.err), reply.blob)
+
     def _on_sigint(self, signum: int, frame: types.FrameType | None) -> None:
         # Only a running program is interrupted; between calls SIGINT is a late cancel.
-        if self.in_call:
+        state = self.state
+        if state is not None and state.interruptible:
+            state.cancelled = True
             raise KeyboardInterrupt
+
+    def busy_call(self) -> int | None:
+        state = self.state
+        return None if state is None else state.call_id
 
     def _heartbeat(self) -> None:
         interval = float(self.config["heartbeat_interval"])
@@ -109,127 +115,48 @@ class _Worker:
             if os.getppid() != self.parent_pid:
                 os._exit(0)  # the template is gone: so is the pool
             try:
-                self.send(protocol.HEARTBEAT, (_rss_bytes(), self.current_call))
+                self.send(protocol.HEARTBEAT, (_rss_bytes(), self.busy_call()))
             except OSError:
                 os._exit(0)  # the pool closed our socket
             if interval > PARENT_POLL_INTERVAL:
                 time.sleep(interval - PARENT_POLL_INTERVAL)
 
-    # -- programs
-    def _load(self, program_id: str) -> Callable[..., Any]:
-        fn = self.programs.get(program_id)
-        if fn is not None:
-            self.programs.move_to_end(program_id)
-            return fn
-        spec = self.store.get(program_id)
-        fn = build_program(spec)
-        self.programs[program_id] = fn
-        if len(self.programs) > PROGRAM_CACHE_SIZE:
-            self.programs.popitem(last=False)
+    # -- calls
+    def load(self, program_id: str, name: str) -> Callable[..., Any] | runtime.Reply:
+        """The program, or the reply that says why it cannot run."""
+        try:
+            if not self.store.exists(program_id):
+                return runtime.not_found_reply(name)
+            fn = self.programs.get(program_id)
+            if fn is None:
+                fn = self.programs.build(self.store.get(program_id))
+        except ProgramNotFound:
+            return runtime.not_found_reply(name)
+        except Exception as exc:
+            return runtime.error_reply("load", exc)
         return fn
 
-    def _error_reply(
-        self,
-        call_id: int,
-        phase: str,
-        exc: BaseException,
-        out: str,
-        err: str,
-        skip_frames: int = 0,
-    ) -> None:
-        tb = exc.__traceback__
-        for _ in range(skip_frames):
-            if tb is not None:
-                tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
-        info = {
-            "phase": phase,
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": text,
-        }
-        try:
-            blob = cloudpickle.dumps(exc)
-            if len(blob) > 1 << 20:
-                blob = b""
-        except Exception:
-            blob = b""
-        self.send(protocol.ERROR, (call_id, info, out, err), blob)
-
     def handle_call(self, call_id: int, program_id: str, name: str, blob: bytes) -> None:
-        self.current_call = call_id
-        out_buf, err_buf = io.StringIO(), io.StringIO()
+        fn = self.load(program_id, name)
+        if isinstance(fn, runtime.Reply):
+            self.reply(call_id, fn)
+            return
         try:
-            try:
-                if not self.store.exists(program_id):
-                    raise ProgramNotFound(name)
-                fn = self._load(program_id)
-            except ProgramNotFound:
-                info = {
-                    "phase": "not_found",
-                    "type": "ProgramNotFound",
-                    "message": name,
-                    "traceback": "",
-                }
-                self.send(protocol.ERROR, (call_id, info, "", ""), b"")
-                return
-            except Exception as exc:
-                self._error_reply(call_id, "load", exc, "", "")
-                return
-            try:
-                args, kwargs = cloudpickle.loads(blob)
-            except Exception as exc:
-                self._error_reply(call_id, "args", exc, "", "")
-                return
-            saved = sys.stdout, sys.stderr
-            sys.stdout, sys.stderr = out_buf, err_buf
-            try:
-                self.in_call = True
-                value = fn(*args, **kwargs)
-                self.in_call = False
-            except KeyboardInterrupt as exc:
-                self.in_call = False
-                sys.stdout, sys.stderr = saved
-                self._error_reply(call_id, "cancelled", exc, out_buf.getvalue(), err_buf.getvalue())
-                return
-            except BaseException as exc:  # SystemExit too: a program's exit is its error
-                self.in_call = False
-                sys.stdout, sys.stderr = saved
-                self._error_reply(
-                    call_id, "run", exc, out_buf.getvalue(), err_buf.getvalue(), skip_frames=1
-                )
-                return
-            finally:
-                self.in_call = False
-                sys.stdout, sys.stderr = saved
-            try:
-                result = cloudpickle.dumps(value)
-            except Exception as exc:
-                self._error_reply(
-                    call_id,
-                    "result",
-                    TypeError(f"the result ({type(value).__name__}) cannot be pickled: {exc}"),
-                    out_buf.getvalue(),
-                    err_buf.getvalue(),
-                )
-                return
-            if len(result) > self.max_result_bytes:
-                self._error_reply(
-                    call_id,
-                    "result",
-                    ValueError(
-                        f"the result is {len(result)} bytes pickled, over the pool's "
-                        f"max_result_bytes of {self.max_result_bytes}"
-                    ),
-                    out_buf.getvalue(),
-                    err_buf.getvalue(),
-                )
-                return
-            self.send(protocol.RESULT, (call_id, out_buf.getvalue(), err_buf.getvalue()), result)
+            args, kwargs = runtime.prepare_call(blob)
+        except Exception as exc:
+            self.reply(call_id, runtime.error_reply("args", exc))
+            return
+        state = runtime.CallState(call_id)
+        context = CallContext(call_id, name, self.worker_id)
+        self.state = state
+        try:
+            reply = runtime.run_call(fn, args, kwargs, self.max_result_bytes, context, state)
         finally:
-            self.current_call = None
+            self.state = None
+        self.reply(call_id, reply)
 
     def serve(self) -> None:
+        runtime.install_output_capture()
         signal.signal(signal.SIGINT, self._on_sigint)
         threading.Thread(target=self._heartbeat, name="dspool-heartbeat", daemon=True).start()
         self.send(protocol.HELLO, (self.worker_id, os.getpid()))
@@ -244,53 +171,12 @@ class _Worker:
             if kind == protocol.CALL:
                 call_id, program_id, name = meta
                 self.handle_call(call_id, program_id, name, blob)
+            elif kind == protocol.INTERRUPT:
+                continue  # at concurrency 1 the pool interrupts with SIGINT
             elif kind == protocol.STOP:
                 return
             else:
                 raise protocol.ProtocolError(f"unexpected frame kind {kind}")
-
-
-def build_program(spec: ProgramSpec) -> Callable[..., Any]:
-    """Turn a stored spec into the callable a call runs."""
-    if spec.kind == "source":
-        filename = f"<dspool program {spec.name}>"
-        module = types.ModuleType(f"dspool_program_{spec.id}")
-        module.__file__ = filename
-        source = str(spec.payload)
-        # Tracebacks show the program's lines, like a local cell's.
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        sys.modules[module.__name__] = module
-        # Objects of classes the program defines travel back by value.
-        cloudpickle.register_pickle_by_value(module)
-        exec(compile(source, filename, "exec"), module.__dict__)
-        entry = spec.entry or spec.name
-        fn = module.__dict__.get(entry)
-        if fn is None:
-            raise NameError(f"program {spec.name!r} defines no {entry!r} when it runs")
-        if not callable(fn):
-            raise TypeError(f"entry {entry!r} of program {spec.name!r} is not callable")
-        if isinstance(fn, type) and _is_dspy_module(fn):
-            # A dspy.Module class: built once per worker, and its instance is called.
-            from . import dspy_programs
-
-            return dspy_programs.build_module_program(spec, fn)
-        return fn  # type: ignore[no-any-return]
-    if spec.kind == "pickle":
-        fn = cloudpickle.loads(spec.payload)
-        if not callable(fn):
-            raise TypeError(f"program {spec.name!r} is not callable")
-        return fn  # type: ignore[no-any-return]
-    if spec.kind == "signature":
-        from . import dspy_programs  # optional extra, imported only when used
-
-        return dspy_programs.build_signature_program(spec)
-    raise TypeError(f"program {spec.name!r} has unknown kind {spec.kind!r}")
-
-
-def _is_dspy_module(cls: type) -> bool:
-    """True for a ``dspy.Module`` subclass (dspy is loaded then: the program imported it)."""
-    module_type = getattr(sys.modules.get("dspy"), "Module", None)
-    return isinstance(module_type, type) and issubclass(cls, module_type)
 
 
 def _worker_main(fd: int, worker_id: str, config: dict[str, Any], template_pid: int) -> int:
