@@ -79,8 +79,8 @@ __all__ = [
     "prepare_call",
     "reserve_memory",
     "run_call",
+    "not_found_reply",
     "safe_str",
-    "set_solo_output",
 ]
 
 PROGRAM_CACHE_SIZE = 256  # built programs kept per worker process
@@ -201,11 +201,6 @@ def install_output_capture() -> None:
             _proxies.append(_CallStream(1, sys.__stderr__ or sys.stderr))
         sys.stdout = cast(TextIO, _proxies[0])
         sys.stderr = cast(TextIO, _proxies[1])
-
-
-def set_solo_output(streams: tuple[CappedText, CappedText] | None) -> None:
-    """At concurrency 1: the call whose buffers take writes made outside any call context."""
-    _solo[0] = streams
 
 
 # ------------------------------------------------------------------------ programs
@@ -353,9 +348,15 @@ def _release_reserve() -> None:
 # ------------------------------------------------------------------------ one call
 
 
-_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
-_async_exc.argtypes = [ctypes.c_ulong, ctypes.py_object]
-_async_exc.restype = ctypes.c_int
+def _raise_in_thread(thread_id: int) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(KeyboardInterrupt)
+    )
+
+
+def _withdraw_from_thread(thread_id: int) -> None:
+    # NULL (not None) withdraws a pending asynchronous exception.
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.c_void_p(None))
 
 
 @dataclass
@@ -388,7 +389,7 @@ class CallState:
                 if self.task is not None and self.loop is not None:
                     self.loop.call_soon_threadsafe(self._cancel_task)
                 else:
-                    _async_exc(self.thread_id, KeyboardInterrupt)
+                    _raise_in_thread(self.thread_id)
                     self.async_sent = True
             return True
 
@@ -413,7 +414,7 @@ class CallState:
             self.finished = True
             if self.async_sent:
                 self.async_sent = False
-                _async_exc(self.thread_id, cast(Any, None))
+                _withdraw_from_thread(self.thread_id)
 
 
 def prepare_call(blob: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -488,14 +489,18 @@ def run_call(
     max_result_bytes: int,
     context: CallContext | None = None,
     state: CallState | None = None,
+    solo: bool = False,
 ) -> Reply:
     """Call ``fn(*args, **kwargs)`` in this thread and describe the outcome as a reply.
 
     A coroutine that ``fn`` returns is run to its end on a new event loop here. The
-    result's pickled size is checked against ``max_result_bytes`` (bytes).
+    result's pickled size is checked against ``max_result_bytes`` (bytes). ``solo``:
+    this is the process's only call, so output from threads the program starts is its.
     """
     streams = (CappedText(), CappedText())
     token = _streams.set(streams)
+    if solo:
+        _solo[0] = streams
     context_token = current_call.set(context)
     value: Any = None
     outcome: BaseException | None = None
@@ -514,6 +519,8 @@ def run_call(
     finally:
         current_call.reset(context_token)
         _streams.reset(token)
+        if solo:
+            _solo[0] = None
         install_output_capture()
     return _finish(value, outcome, streams, state, max_result_bytes)
 

@@ -22,10 +22,13 @@ This module imports nothing of the kernel side (pool, magics, widgets).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
 import ctypes
 import ctypes.util
 import gc
 import importlib
+import inspect
 import json
 import os
 import resource
@@ -81,10 +84,15 @@ class _Worker:
         self.config = config
         self.parent_pid = os.getppid()
         self.send_lock = threading.Lock()
+        self.concurrency = int(config.get("concurrency") or 1)
         self.state: runtime.CallState | None = None  # the running call (concurrency 1)
+        self.running: dict[int, runtime.CallState] = {}  # call id -> state (concurrency > 1)
+        self.running_lock = threading.Lock()
         self.programs = runtime.ProgramCache()
         self.max_result_bytes: int = int(config["max_result_bytes"])
         self.store = ProgramStore(config["store"], anonymous_ttl=config.get("anonymous_ttl"))
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- plumbing
     def send(self, kind: int, meta: tuple[Any, ...], blob: bytes = b"") -> None:
@@ -105,8 +113,12 @@ class _Worker:
             raise KeyboardInterrupt
 
     def busy_call(self) -> int | None:
+        """The running call's id (at concurrency > 1 the oldest running), or None."""
         state = self.state
-        return None if state is None else state.call_id
+        if state is not None:
+            return state.call_id
+        with self.running_lock:
+            return min(self.running) if self.running else None
 
     def _heartbeat(self) -> None:
         interval = float(self.config["heartbeat_interval"])
@@ -137,6 +149,7 @@ class _Worker:
         return fn
 
     def handle_call(self, call_id: int, program_id: str, name: str, blob: bytes) -> None:
+        """Run one call in the main thread (concurrency 1); SIGINT interrupts it."""
         fn = self.load(program_id, name)
         if isinstance(fn, runtime.Reply):
             self.reply(call_id, fn)
@@ -150,7 +163,9 @@ class _Worker:
         context = CallContext(call_id, name, self.worker_id)
         self.state = state
         try:
-            reply = runtime.run_call(fn, args, kwargs, self.max_result_bytes, context, state)
+            reply = runtime.run_call(
+                fn, args, kwargs, self.max_result_bytes, context, state, solo=True
+            )
         finally:
             self.state = None
         self.reply(call_id, reply)
@@ -159,6 +174,8 @@ class _Worker:
         runtime.install_output_capture()
         signal.signal(signal.SIGINT, self._on_sigint)
         threading.Thread(target=self._heartbeat, name="dspool-heartbeat", daemon=True).start()
+        if self.concurrency > 1:
+            self._start_many()
         self.send(protocol.HELLO, (self.worker_id, os.getpid()))
         while True:
             try:
@@ -170,13 +187,90 @@ class _Worker:
             kind, meta, blob = frame
             if kind == protocol.CALL:
                 call_id, program_id, name = meta
-                self.handle_call(call_id, program_id, name, blob)
+                if self.concurrency == 1:
+                    self.handle_call(call_id, program_id, name, blob)
+                else:
+                    self._submit(call_id, program_id, name, blob)
             elif kind == protocol.INTERRUPT:
-                continue  # at concurrency 1 the pool interrupts with SIGINT
+                with self.running_lock:
+                    state = self.running.get(meta[0])
+                if state is not None:
+                    state.interrupt()
             elif kind == protocol.STOP:
                 return
             else:
                 raise protocol.ProtocolError(f"unexpected frame kind {kind}")
+
+    # -- many calls at once (concurrency > 1)
+    def _start_many(self) -> None:
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            self.concurrency, thread_name_prefix="dspool-call"
+        )
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        threading.Thread(target=loop.run_forever, name="dspool-asyncio", daemon=True).start()
+
+    def _submit(self, call_id: int, program_id: str, name: str, blob: bytes) -> None:
+        assert self.executor is not None
+        state = runtime.CallState(call_id)
+        with self.running_lock:
+            self.running[call_id] = state
+        self.executor.submit(self._thread_call, state, program_id, name, blob)
+
+    def _finish(self, state: runtime.CallState, reply: runtime.Reply) -> None:
+        with self.running_lock:
+            self.running.pop(state.call_id, None)
+        self.reply(state.call_id, reply)
+
+    def _thread_call(
+        self, state: runtime.CallState, program_id: str, name: str, blob: bytes
+    ) -> None:
+        try:
+            fn = self.load(program_id, name)
+            if isinstance(fn, runtime.Reply):
+                self._finish(state, fn)
+                return
+            try:
+                args, kwargs = runtime.prepare_call(blob)
+            except Exception as exc:
+                self._finish(state, runtime.error_reply("args", exc))
+                return
+            context = CallContext(state.call_id, name, self.worker_id)
+            if _is_async(fn):
+                assert self.loop is not None
+                state.loop = self.loop
+                asyncio.run_coroutine_threadsafe(
+                    self._async_call(state, fn, args, kwargs, context), self.loop
+                )
+                return
+            state.thread_id = threading.get_ident()
+            reply = runtime.run_call(fn, args, kwargs, self.max_result_bytes, context, state)
+            self._finish(state, reply)
+        except BaseException as exc:  # a reply for every call, whatever broke
+            self._finish(state, runtime.error_reply("run", exc))
+
+    async def _async_call(
+        self,
+        state: runtime.CallState,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: CallContext,
+    ) -> None:
+        state.task = asyncio.current_task()
+        try:
+            reply = await runtime.arun_call(fn, args, kwargs, self.max_result_bytes, context, state)
+        except BaseException as exc:  # a reply for every call, whatever broke
+            reply = runtime.error_reply("run", exc)
+        self._finish(state, reply)
+
+
+def _is_async(fn: Any) -> bool:
+    """True for an ``async def`` function (or an object whose ``__call__`` is one)."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    method = getattr(type(fn), "__call__", None)  # noqa: B004 - the method, not callable()
+    return inspect.iscoroutinefunction(method)
 
 
 def _worker_main(fd: int, worker_id: str, config: dict[str, Any], template_pid: int) -> int:
