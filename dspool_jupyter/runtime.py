@@ -33,8 +33,8 @@ Decisions recorded here:
   the placeholder message ``<str() of TypeName failed: ...>``.
 - **Out of memory.** On ``MemoryError`` the emergency reserve (:func:`reserve_memory`)
   is released and the failed call's frames are cleared before the reply is built, then
-  the reserve is taken again; :func:`memory_reserve_lost` says when that failed (the
-  worker should then exit, see :mod:`dspool_jupyter.worker`).
+  the reserve is taken again; :func:`memory_exhausted` says when the process cannot
+  recover (the worker then exits, see :mod:`dspool_jupyter.worker`).
 
 Imports nothing of the kernel side.
 """
@@ -75,7 +75,7 @@ __all__ = [
     "error_info",
     "error_reply",
     "install_output_capture",
-    "memory_reserve_lost",
+    "memory_exhausted",
     "prepare_call",
     "reserve_memory",
     "run_call",
@@ -321,7 +321,8 @@ def not_found_reply(name: str) -> Reply:
 # --------------------------------------------------------------- memory reserve
 
 _reserve: list[bytearray | None] = [None]
-_reserve_lost = [False]
+_memory_errors = [0]  # MemoryErrors replied since the last memory_exhausted()
+MEMORY_HEADROOM = 0.1  # fraction of the limit that must be free after a MemoryError
 
 
 def reserve_memory(size: int = MEMORY_RESERVE_BYTES) -> bool:
@@ -330,15 +331,36 @@ def reserve_memory(size: int = MEMORY_RESERVE_BYTES) -> bool:
         try:
             _reserve[0] = bytearray(size)
         except MemoryError:
-            _reserve_lost[0] = True
             return False
-    _reserve_lost[0] = False
     return True
 
 
-def memory_reserve_lost() -> bool:
-    """True when a MemoryError used the reserve up and it could not be taken again."""
-    return _reserve_lost[0]
+def memory_exhausted(limit: int) -> bool:
+    """After a call ended in MemoryError: True when this process cannot recover.
+
+    That is when the emergency reserve could not be taken again, or when the data
+    memory still in use (``VmData``, what ``RLIMIT_DATA`` counts) leaves less than
+    :data:`MEMORY_HEADROOM` of ``limit`` (bytes): something the call left behind (a
+    global, a leak) holds it, and every later call would fail the same way.
+    """
+    if not _memory_errors[0]:
+        return False
+    _memory_errors[0] = 0
+    if _reserve[0] is None and not reserve_memory():
+        return True
+    data = _data_bytes()
+    return data is not None and data > limit * (1 - MEMORY_HEADROOM)
+
+
+def _data_bytes() -> int | None:
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmData:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _release_reserve() -> None:
@@ -447,6 +469,7 @@ def _finish(
             gc.collect()
             info, _ = error_info("run", outcome, skip_frames=1)
             del outcome
+            _memory_errors[0] += 1
             reserve_memory()
             return Reply(info, out.getvalue(), err.getvalue(), b"")
         if _interrupted(outcome, state):

@@ -91,6 +91,7 @@ class _Worker:
         self.programs = runtime.ProgramCache()
         self.max_result_bytes: int = int(config["max_result_bytes"])
         self.store = ProgramStore(config["store"], anonymous_ttl=config.get("anonymous_ttl"))
+        self.memory_limit = config.get("memory_limit")
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -100,10 +101,18 @@ class _Worker:
             protocol.send_frame(self.sock, kind, meta, blob)
 
     def reply(self, call_id: int, reply: runtime.Reply) -> None:
-        if reply.info is None:
-            self.send(protocol.RESULT, (call_id, reply.out, reply.err), reply.blob)
-        else:
-            self.send(protocol.ERROR, (call_id, reply.info, reply.out, reply.err), reply.blob)
+        try:
+            if reply.info is None:
+                self.send(protocol.RESULT, (call_id, reply.out, reply.err), reply.blob)
+            else:
+                self.send(protocol.ERROR, (call_id, reply.info, reply.out, reply.err), reply.blob)
+        except MemoryError:
+            del reply
+            self.send(protocol.ERROR, (call_id, _OUT_OF_MEMORY, "", ""))  # small: may fit
+        if self.memory_limit and runtime.memory_exhausted(int(self.memory_limit)):
+            # The failed call's memory is still held (a global, a leak): every later call
+            # would fail the same way. Exit; the pool replaces this worker.
+            os._exit(protocol.EXIT_OUT_OF_MEMORY)
 
     def _on_sigint(self, signum: int, frame: types.FrameType | None) -> None:
         # Only a running program is interrupted; between calls SIGINT is a late cancel.
@@ -130,6 +139,8 @@ class _Worker:
                 self.send(protocol.HEARTBEAT, (_rss_bytes(), self.busy_call()))
             except OSError:
                 os._exit(0)  # the pool closed our socket
+            except MemoryError:
+                continue  # a call is at the memory limit; it gets the MemoryError
             if interval > PARENT_POLL_INTERVAL:
                 time.sleep(interval - PARENT_POLL_INTERVAL)
 
@@ -246,6 +257,8 @@ class _Worker:
             state.thread_id = threading.get_ident()
             reply = runtime.run_call(fn, args, kwargs, self.max_result_bytes, context, state)
             self._finish(state, reply)
+        except MemoryError:
+            os._exit(protocol.EXIT_OUT_OF_MEMORY)
         except BaseException as exc:  # a reply for every call, whatever broke
             self._finish(state, runtime.error_reply("run", exc))
 
@@ -265,6 +278,14 @@ class _Worker:
         self._finish(state, reply)
 
 
+_OUT_OF_MEMORY = {
+    "phase": "run",
+    "type": "MemoryError",
+    "message": "out of memory (the worker's memory limit); the reply could not be built",
+    "traceback": "",
+}
+
+
 def _is_async(fn: Any) -> bool:
     """True for an ``async def`` function (or an object whose ``__call__`` is one)."""
     if inspect.iscoroutinefunction(fn):
@@ -277,12 +298,16 @@ def _worker_main(fd: int, worker_id: str, config: dict[str, Any], template_pid: 
     _set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != template_pid:
         return 0  # the template died before we could ask to die with it
+    # Orphans of what a program starts stay this worker's until it exits; then the
+    # template (a subreaper too) adopts and kills them.
+    _set_child_subreaper()
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     limit = config.get("memory_limit")
     if limit:
         # A program that blows up its memory gets MemoryError (a reply), not the OOM killer.
         resource.setrlimit(resource.RLIMIT_DATA, (int(limit), int(limit)))
+        runtime.reserve_memory()
     try:
         worker = _Worker(sock, worker_id, config)
     except Exception as exc:
@@ -291,7 +316,10 @@ def _worker_main(fd: int, worker_id: str, config: dict[str, Any], template_pid: 
         except OSError:
             pass
         return 1
-    worker.serve()
+    try:
+        worker.serve()
+    except MemoryError:
+        return protocol.EXIT_OUT_OF_MEMORY  # out of memory outside a call: cannot go on
     return 0
 
 
@@ -304,6 +332,7 @@ class _Template:
         self.config = config
         self.children: dict[int, str] = {}
         self.parent_pid = os.getppid()
+        self.pid = os.getpid()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -318,36 +347,60 @@ class _Template:
         return errors
 
     def spawn(self, worker_id: str, fd: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
+        # Signals stay blocked across fork: a SIGTERM must not run the template's
+        # handler (SystemExit) in the child while Python's after-fork hooks run.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    self.control.close()
+                    os.close(self.wake_r)
+                    os.close(self.wake_w)
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    os.setpgid(0, 0)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
+                    code = _worker_main(fd, worker_id, self.config, self.pid)
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    os._exit(code)
             try:
-                self.control.close()
-                os.close(self.wake_r)
-                os.close(self.wake_w)
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                code = _worker_main(fd, worker_id, self.config, self.pid)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
+                os.setpgid(pid, pid)  # also here: whichever runs first, the group exists
+            except OSError:
+                pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
         os.close(fd)
         self.children[pid] = worker_id
         protocol.send_control(self.control, {"op": "spawned", "worker_id": worker_id, "pid": pid})
 
     def reap(self) -> None:
-        while self.children:
+        """Collect exited children: report workers, kill what a dead worker left behind."""
+        while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                # WNOWAIT: the dead worker stays a zombie, so its pid (and process group
+                # id) cannot be reused before its group is killed.
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if info is None or info.si_pid == 0:
                 return
-            worker_id = self.children.pop(pid, None)
-            if worker_id is None:
+            pid = info.si_pid
+            worker_id = self.children.get(pid)
+            if worker_id is not None:
+                _kill_group(pid)
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
                 continue
+            if worker_id is None:
+                continue  # an orphan this template adopted and killed
+            del self.children[pid]
+            self.sweep()
             returncode = os.waitstatus_to_exitcode(status)
             try:
                 protocol.send_control(
@@ -357,7 +410,21 @@ class _Template:
             except OSError:
                 pass
 
+    def sweep(self) -> int:
+        """SIGKILL every child that is not a worker (orphans of dead workers); how many."""
+        killed = 0
+        for pid in _children_of(self.pid):
+            if pid in self.children:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        return killed
+
     def shutdown(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -368,37 +435,42 @@ class _Template:
             self.reap()
             time.sleep(0.01)
         for pid in list(self.children):
+            _kill_group(pid)
+        # Workers and their groups are gone; what left the groups was adopted by this
+        # template (a child subreaper) or will be when its parent dies: kill it too.
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while time.monotonic() < deadline:
+            self.children.clear()
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        while self.children:
-            try:
-                pid, _ = os.waitpid(-1, 0)
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
             except ChildProcessError:
+                pass
+            if not self.sweep() and not _children_of(self.pid):
                 break
-            self.children.pop(pid, None)
+            time.sleep(0.01)
 
     def serve(self) -> int:
-        self.pid = os.getpid()
+        _set_child_subreaper()
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        started = time.monotonic()
-        errors = self.preload()
-        # What the template imported is shared with every worker; keep the collector off
-        # it so that a worker's first collection does not copy those pages (fork CoW).
-        gc.freeze()
-        protocol.send_control(
-            self.control,
-            {
-                "op": "ready",
-                "pid": self.pid,
-                "preload_errors": errors,
-                "preload_seconds": time.monotonic() - started,
-            },
-        )
         try:
+            started = time.monotonic()
+            errors = self.preload()
+            # What the template imported is shared with every worker; keep the collector
+            # off it so that a worker's first collection does not copy those pages (CoW).
+            gc.freeze()
+            protocol.send_control(
+                self.control,
+                {
+                    "op": "ready",
+                    "pid": self.pid,
+                    "preload_errors": errors,
+                    "preload_seconds": time.monotonic() - started,
+                },
+            )
+            last_sweep = time.monotonic()
             while True:
                 try:
                     readable, _, _ = select.select(
@@ -426,8 +498,59 @@ class _Template:
                 if os.getppid() != self.parent_pid:
                     return 0
                 self.reap()
+                now = time.monotonic()
+                if now - last_sweep > PARENT_POLL_INTERVAL:
+                    last_sweep = now
+                    self.sweep()
         finally:
             self.shutdown()
+
+
+_FORK_BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_child_subreaper() -> None:
+    """Orphans of this process's descendants become its children (Linux; no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _children_of(pid: int) -> list[int]:
+    """Pids of ``pid``'s live children (Linux ``/proc``; empty where it is missing)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--config", required=True, help="JSON: store, preload, sys_path, ...")
     args = parser.parse_args(argv)
-    # The template dies with the pool's thread that started it (the kernel).
-    _set_parent_death_signal(signal.SIGKILL)
+    # The template dies with the pool's thread that started it (the kernel), by a signal
+    # it can catch: it kills its workers and what they started before it goes.
+    _set_parent_death_signal(signal.SIGTERM)
     config = json.loads(args.config)
     if os.getppid() != int(config["parent_pid"]):
         return 0
