@@ -6,15 +6,56 @@ The *template* imports the preload modules once, then forks a worker for every
 when each needs a heavy import. It reaps its children and reports each exit code to the
 pool. The template is single-threaded: forking from it is safe.
 
-A *worker* resolves the program by id from the store, caches the compiled program by
-its content-hash id (a redefined program has a new id, so the cache is never stale),
-runs the call and replies with the value or the error and its traceback. A program's
+A *worker* resolves the program by id from the store and runs calls through
+:mod:`dspool_jupyter.runtime` (programs cached by content-hash id, so a redefined
+program is never stale; output captured per call; every outcome a reply). A program's
 exception, an unpicklable result or a program that fails to load is a reply, never a
-reason to exit. A worker exits when told to, when its socket closes, or when its parent
-is gone: on Linux the kernel kills it (``PR_SET_PDEATHSIG``) when the template dies, and
-the template likewise dies with the pool's process, so no worker outlives the kernel,
-even after ``kill -9``. A heartbeat thread reports memory and watches the parent where
-no death signal exists.
+reason to exit.
+
+**Calls at once** (config ``"concurrency": K``, default 1; the pool never sends more
+than K calls at once):
+
+- K = 1: the main thread reads a frame and runs the call itself (no thread hop on the
+  hot path); the pool interrupts it with SIGINT, which only lands while the program
+  runs. An INTERRUPT frame is ignored.
+- K > 1: the main thread only reads frames. Plain functions run on a pool of K
+  threads, ``async def`` entries on the worker's own event loop (one thread); replies
+  are sent under a lock. ``INTERRUPT (call_id, reason)`` interrupts that call only:
+  ``KeyboardInterrupt`` in its thread (``PyThreadState_SetAsyncExc``: it lands when the
+  thread next runs Python code, so a blocking C call such as ``time.sleep(30)`` or a
+  socket read finishes first; the pool's cancel grace covers that) or ``task.cancel()``
+  for a task. The call replies ERROR with phase ``"cancelled"``. A queued call it names
+  never starts; one for a call no longer running is ignored.
+- In both, a ``KeyboardInterrupt`` the program raises itself is its error (phase
+  ``"run"``): only the pool's interrupt is a cancel. HEARTBEAT's busy call id is the
+  oldest running call.
+
+**No process outlives its worker.** Each worker is its own process group and a child
+subreaper (orphans of what its programs start become its children, for as long as it
+lives). The template is a child subreaper too: when a worker exits it SIGKILLs the
+worker's group (while the dead worker is still a zombie, so its group id cannot be
+reused) and every orphan it has adopted (all of it came from a dead worker: a live
+worker adopts its own); it looks again every :data:`PARENT_POLL_INTERVAL` seconds and,
+at exit, kills all of it. The template dies with the pool's process by ``SIGTERM``
+(``PR_SET_PDEATHSIG``, catchable, so a ``kill -9`` of the kernel still runs that
+clean-up); a worker dies with the template by ``SIGKILL``. What can still escape: the
+descendants of a template that is itself SIGKILLed from outside (its workers die, their
+orphans go to init), a process that a program hands to another service (``systemd-run``,
+``at``, a container runtime, a remote host), and a process that a program started in a
+new PID namespace. A program calling ``setsid`` does not escape: the subreapers do not
+care about sessions. Orphans a live worker adopted and that exit stay zombies until the
+worker exits (reaping them would race with the program's own ``wait``).
+
+**Memory.** With ``memory_limit`` (bytes) the worker sets ``RLIMIT_DATA`` and keeps an
+emergency reserve (:func:`dspool_jupyter.runtime.reserve_memory`), so a blow-up is a
+``MemoryError`` reply. When the worker cannot recover (the reserve cannot be taken
+back, or more than 90 % of the limit is still in use after the failed call, e.g. held
+by a global) it sends that reply and then exits with
+:data:`dspool_jupyter.protocol.EXIT_OUT_OF_MEMORY`; out of memory outside a call it
+exits with that code at once.
+
+Signals are blocked across ``fork`` in the template, so a child that the closing
+template SIGTERMs while it starts dies quietly instead of printing ``SystemExit``.
 
 This module imports nothing of the kernel side (pool, magics, widgets).
 """
