@@ -137,7 +137,7 @@ _solo: list[tuple[CappedText, CappedText] | None] = [None]
 class _CallStream(io.TextIOBase):
     """``sys.stdout``/``sys.stderr`` in a worker: each write goes to its call's buffer."""
 
-    def __init__(self, index: int, fallback: TextIO) -> None:
+    def __init__(self, index: int, fallback: Any) -> None:
         super().__init__()
         self._index = index
         self._fallback = fallback
@@ -147,19 +147,22 @@ class _CallStream(io.TextIOBase):
         return None if streams is None else streams[self._index]
 
     def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         target = self._target()
         if target is not None:
-            return target.write(str(text))
+            return target.write(text)
         try:
-            return self._fallback.write(text)
-        except (ValueError, OSError):  # the original stream was closed or is gone
-            return len(text)
+            self._fallback.write(text)
+        except (ValueError, OSError, AttributeError):  # the original stream is closed or gone
+            pass
+        return len(text)
 
     def flush(self) -> None:
         if self._target() is None:
             try:
                 self._fallback.flush()
-            except (ValueError, OSError):
+            except (ValueError, OSError, AttributeError):
                 pass
 
     def close(self) -> None:
@@ -184,7 +187,9 @@ class _CallStream(io.TextIOBase):
         return getattr(self._fallback, "errors", None)
 
     def fileno(self) -> int:
-        return self._fallback.fileno()
+        if self._fallback is None:
+            raise io.UnsupportedOperation("fileno")
+        return int(self._fallback.fileno())
 
 
 _capture_lock = threading.Lock()
@@ -197,8 +202,9 @@ def install_output_capture() -> None:
         return
     with _capture_lock:
         if not _proxies:
-            _proxies.append(_CallStream(0, sys.__stdout__ or sys.stdout))
-            _proxies.append(_CallStream(1, sys.__stderr__ or sys.stderr))
+            # Writes outside any call go where they went before (a Dask worker's stream).
+            _proxies.append(_CallStream(0, sys.stdout or sys.__stdout__))
+            _proxies.append(_CallStream(1, sys.stderr or sys.__stderr__))
         sys.stdout = cast(TextIO, _proxies[0])
         sys.stderr = cast(TextIO, _proxies[1])
 
