@@ -9,6 +9,8 @@ worker set-up configured.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -328,3 +330,21 @@ def test_heartbeats_name_a_running_call(template: Callable[..., Template]) -> No
     assert busy & {5, 6}
     assert all(isinstance(meta[0], int) for meta in worker.heartbeats)
     assert protocol.HEARTBEAT == 13
+
+
+def test_at_concurrency_one_sigint_cancels_the_running_call(
+    template: Callable[..., Template],
+) -> None:
+    t = template(concurrency=1)
+    steps = t.define("steps", STEPS)
+    worker = t.spawn()
+    worker.call(1, steps, "steps", 500)
+    time.sleep(0.3)
+    os.kill(worker.pid, signal.SIGINT)
+    reply = worker.reply(5)
+    assert reply.call_id == 1 and reply.phase == "cancelled", reply
+    os.kill(worker.pid, signal.SIGINT)  # between calls: a late cancel, ignored
+    time.sleep(0.2)
+    worker.call(2, steps, "steps", 5)
+    reply = worker.reply(5)
+    assert reply.ok and reply.value == 5
