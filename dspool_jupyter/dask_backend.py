@@ -251,6 +251,7 @@ class DaskBackend:
             record,
             call.blob,
             self.options.max_result_bytes,
+            call.id,
             key=task.key,
             workers=[slot.address],
             allow_other_workers=False,
