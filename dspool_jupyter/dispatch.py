@@ -145,6 +145,7 @@ class Dispatcher:
         bus: EventBus,
         token: str,
         cancel_grace: float = CANCEL_GRACE,
+        memory_limit: int | None = None,
     ) -> None:
         self.lock = threading.RLock()
         self.ready_cond = threading.Condition(self.lock)
@@ -154,6 +155,7 @@ class Dispatcher:
         self.bus = bus
         self.token = token
         self.cancel_grace = cancel_grace
+        self.memory_limit = memory_limit  # bytes per worker (named in WorkerCrashed)
         self.supervisor = Supervisor(self.lock)
         self.backend: Backend | None = None
         self.ids = itertools.count(1)
@@ -750,7 +752,9 @@ class Dispatcher:
             if self.stopped:
                 error: BaseException = PoolClosed("the pool was closed while the call ran")
             else:
-                error = WorkerCrashed(call.program, worker.id, worker.pid, worker.returncode)
+                error = WorkerCrashed(
+                    call.program, worker.id, worker.pid, worker.returncode, self.memory_limit
+                )
             self.fail(call, error, worker)
         if self.bus.active:
             self.emit(

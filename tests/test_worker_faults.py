@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from dspool_jupyter import Pool, protocol
-from dspool_jupyter.errors import ProgramError
-from tests.conftest import assert_no_leftovers, wait_for
+from dspool_jupyter import Pool, local_backend, protocol
+from dspool_jupyter.errors import ProgramError, WorkerCrashed
+from tests.conftest import assert_no_leftovers, started, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -76,6 +76,21 @@ def test_processes_a_program_started_die_at_close(make_pool: MakePool) -> None:
     pids = pool.run("spawner", timeout=20)
     assert all(_alive(pid) for pid in pids)
     pool.close()
+    wait_for(lambda: _all_gone(pids), timeout=10)
+
+
+def test_a_stuck_close_stops_the_template_gently_first(make_pool: MakePool) -> None:
+    # The last resort of close() (the template did not stop in time): SIGTERM, so that
+    # the template still kills what its workers started; SIGKILL only after a grace.
+    pool = make_pool(1)
+    pool.define("spawner", SPAWNER)
+    pids = pool.run("spawner", timeout=20)
+    template = pool._backend._template  # type: ignore[attr-defined]
+    assert template is not None
+    begun = time.monotonic()
+    local_backend.kill_process_group(template.process)
+    assert time.monotonic() - begun < local_backend.TERMINATE_GRACE
+    assert template.process.returncode == 0  # it ran its clean-up and exited
     wait_for(lambda: _all_gone(pids), timeout=10)
 
 
@@ -268,6 +283,39 @@ def test_memory_held_after_the_call_replaces_the_worker(make_pool: MakePool) -> 
     pool.wait_ready(30)
     assert pool.run("whoami", timeout=20) != pid
     assert protocol.EXIT_OUT_OF_MEMORY == 86
+
+
+def test_an_out_of_memory_exit_names_the_memory_limit(make_pool: MakePool, tmp_path: Path) -> None:
+    # Two calls at once: one hoards memory in a global (its reply is the MemoryError),
+    # then the worker cannot recover and exits; its neighbour's error says why.
+    pool = make_pool(1, worker_memory_limit=256 << 20, concurrency=2)
+    pool.wait_ready(30)
+    pool.define(
+        "hoard",
+        "HOARD = []\ndef hoard():\n    while True:\n        HOARD.append(bytearray(1 << 16))\n",
+    )
+    pool.define(
+        "nap",
+        "import time\ndef nap(marker):\n    open(marker, 'w').close()\n    time.sleep(60)\n",
+    )
+    neighbour = pool.submit("nap", str(tmp_path / "m"))
+    started(tmp_path / "m")
+    with pytest.raises(ProgramError) as info:
+        pool.run("hoard", timeout=60)
+    assert info.value.remote_type == "MemoryError"
+    error = neighbour.exception(20)
+    assert isinstance(error, WorkerCrashed), error
+    assert error.out_of_memory and error.returncode == protocol.EXIT_OUT_OF_MEMORY
+    assert "worker_memory_limit=268435456 bytes" in str(error)
+    pool.wait_ready(30)
+
+
+def test_exit_code_86_without_a_memory_limit_is_a_plain_crash(pool: Pool) -> None:
+    pool.define("leave", "import os\ndef leave():\n    os._exit(86)\n")
+    with pytest.raises(WorkerCrashed) as info:
+        pool.run("leave", timeout=20)
+    assert not info.value.out_of_memory and "exit code 86" in str(info.value)
+    assert "memory" not in str(info.value)
 
 
 # ------------------------------------------------------- item 7: interrupts
