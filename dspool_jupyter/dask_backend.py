@@ -675,9 +675,9 @@ class DaskBackend:
             worker.known.add(call.program_id)
         d.release(worker, call.id)
         if kind == _RESULT:
-            d.settle_value(worker, call, reply[3], reply[1], reply[2])
+            d.settle_value(worker, call, reply[3], reply[1], reply[2], reply[4])
         elif kind == _ERROR:
-            d.settle_error(worker, call, reply[1], reply[4], reply[2], reply[3])
+            d.settle_error(worker, call, reply[1], reply[4], reply[2], reply[3], reply[5])
         else:
             d.fail(call, ProgramNotFound(call.program, call.session), worker)
             d.after_release(worker)

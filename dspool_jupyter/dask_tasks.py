@@ -98,7 +98,7 @@ def _dask_hello(preload: list[str]) -> dict[str, Any]:
 
 
 def _error_tuple(reply: runtime.Reply) -> tuple[Any, ...]:
-    return (_ERROR, reply.info, reply.out, reply.err, reply.blob)
+    return (_ERROR, reply.info, reply.out, reply.err, reply.blob, reply.usage)
 
 
 def _dask_call(
@@ -143,7 +143,7 @@ def _dask_call(
             _interrupted.discard(key)
     if reply.info is not None:
         return _error_tuple(reply)
-    return (_RESULT, reply.out, reply.err, reply.blob)
+    return (_RESULT, reply.out, reply.err, reply.blob, reply.usage)
 
 
 def _interrupt_call(key: str, dask_worker: Any = None) -> str:

@@ -485,11 +485,17 @@ class Dispatcher:
         return call
 
     def settle_value(
-        self, worker: WorkerSlot, call: Call, blob: bytes, stdout: str, stderr: str
+        self,
+        worker: WorkerSlot,
+        call: Call,
+        blob: bytes,
+        stdout: str,
+        stderr: str,
+        usage: dict[str, Any] | None = None,
     ) -> None:
-        """``call`` returned the pickled value ``blob`` on ``worker``."""
+        """``call`` returned the pickled value ``blob`` on ``worker`` (``usage``: its LM use)."""
         future = call.future
-        future.stdout, future.stderr = stdout, stderr
+        future.stdout, future.stderr, future.usage = stdout, stderr, usage
         try:
             value = cloudpickle.loads(blob)
         except Exception as exc:
@@ -519,9 +525,10 @@ class Dispatcher:
         blob: bytes,
         stdout: str,
         stderr: str,
+        usage: dict[str, Any] | None = None,
     ) -> None:
         """``call`` ended in the error the worker described (``info``, pickled ``blob``)."""
-        call.future.stdout, call.future.stderr = stdout, stderr
+        call.future.stdout, call.future.stderr, call.future.usage = stdout, stderr, usage
         error = error_from_reply(call.program, call.session, worker.id, info, blob)
         if isinstance(error, CallCancelled) and not call.interrupted:
             error = ProgramError(

@@ -599,9 +599,9 @@ class LocalBackend:
                 return  # a reply to a call this worker no longer runs: never hand it on
             self._learn_duration(call)
             if kind == protocol.RESULT:
-                d.settle_value(worker, call, blob, meta[1], meta[2])
+                d.settle_value(worker, call, blob, meta[1], meta[2], meta[3])
             else:
-                d.settle_error(worker, call, meta[1], blob, meta[2], meta[3])
+                d.settle_error(worker, call, meta[1], blob, meta[2], meta[3], meta[4])
         elif kind == protocol.HEARTBEAT:
             worker.rss = meta[0]
             worker.last_heartbeat = time.time()

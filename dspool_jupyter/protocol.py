@@ -52,8 +52,9 @@ STOP = 2  # meta: (); the worker exits 0
 INTERRUPT = 3
 # worker -> pool
 HELLO = 10  # meta: (worker_id, pid)
-RESULT = 11  # meta: (call_id, stdout, stderr); blob: cloudpickled value
-ERROR = 12  # meta: (call_id, error dict, stdout, stderr); blob: pickled exception or b""
+# ``usage``: the call's LM usage (a dict, see usage.Usage.as_dict) or None.
+RESULT = 11  # meta: (call_id, stdout, stderr, usage); blob: cloudpickled value
+ERROR = 12  # meta: (call_id, error dict, stdout, stderr, usage); blob: pickled exception or b""
 HEARTBEAT = 13  # meta: (rss bytes or None, busy call id or None)
 FATAL = 14  # meta: (message,); the worker could not start and exits next
 

@@ -50,16 +50,19 @@ import sys
 import threading
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TextIO, cast
 
 import cloudpickle
 
+from . import llm
 from .context import CallContext, current_call
 from .programs import build_program
 from .store import ProgramSpec
+from .usage import Usage
 
 __all__ = [
     "MAX_ERROR_BLOB",
@@ -252,12 +255,15 @@ class ProgramCache:
 @dataclass
 class Reply:
     """A call's outcome: ``info is None`` for a value (``blob`` = the pickled value), else
-    the error description and ``blob`` = the pickled exception or ``b""``."""
+    the error description and ``blob`` = the pickled exception or ``b""``. ``usage`` is
+    the call's LM usage (:meth:`dspool_jupyter.usage.Usage.as_dict`) when it made LM
+    requests, else None."""
 
     info: dict[str, Any] | None
     out: str
     err: str
     blob: bytes
+    usage: dict[str, Any] | None = None
 
 
 def safe_str(exc: BaseException) -> str:
@@ -533,16 +539,18 @@ def run_call(
     context_token = current_call.set(context)
     value: Any = None
     outcome: BaseException | None = None
+    usage: Usage | None = None
     try:
-        try:
-            if state is not None and not state.begin():
-                raise KeyboardInterrupt
-            value = fn(*args, **kwargs)
-            if inspect.iscoroutine(value):
-                value = asyncio.run(value)
-        finally:
-            if state is not None:
-                state.end()
+        with _collect_usage(context) as usage:
+            try:
+                if state is not None and not state.begin():
+                    raise KeyboardInterrupt
+                value = fn(*args, **kwargs)
+                if inspect.iscoroutine(value):
+                    value = asyncio.run(value)
+            finally:
+                if state is not None:
+                    state.end()
     except BaseException as exc:  # SystemExit too: a program's exit is its error
         outcome = exc
     finally:
@@ -551,7 +559,9 @@ def run_call(
         if solo:
             _solo[0] = None
         install_output_capture()
-    return _finish(value, outcome, streams, state, max_result_bytes)
+    reply = _finish(value, outcome, streams, state, max_result_bytes)
+    reply.usage = _usage_dict(usage)
+    return reply
 
 
 async def arun_call(
@@ -571,16 +581,36 @@ async def arun_call(
     current_call.set(context)
     value: Any = None
     outcome: BaseException | None = None
+    usage: Usage | None = None
     try:
-        try:
-            if state is not None and not state.begin():
-                raise asyncio.CancelledError
-            value = await fn(*args, **kwargs)
-        finally:
-            if state is not None:
-                state.end()
+        with _collect_usage(context) as usage:
+            try:
+                if state is not None and not state.begin():
+                    raise asyncio.CancelledError
+                value = await fn(*args, **kwargs)
+            finally:
+                if state is not None:
+                    state.end()
     except BaseException as exc:  # CancelledError too: see _interrupted
         outcome = exc
     finally:
         install_output_capture()
-    return _finish(value, outcome, streams, state, max_result_bytes)
+    reply = _finish(value, outcome, streams, state, max_result_bytes)
+    reply.usage = _usage_dict(usage)
+    return reply
+
+
+@contextmanager
+def _collect_usage(context: CallContext | None) -> Iterator[Usage | None]:
+    """The call's LM usage while the block runs (None outside a pool call)."""
+    if context is None:
+        yield None
+        return
+    with llm.collect_call_usage(context.call_id) as usage:
+        yield usage
+
+
+def _usage_dict(usage: Usage | None) -> dict[str, Any] | None:
+    if usage is None or not (usage.requests or usage.rate_limited):
+        return None
+    return usage.as_dict()

@@ -144,9 +144,11 @@ class _Worker:
     def reply(self, call_id: int, reply: runtime.Reply) -> None:
         try:
             if reply.info is None:
-                self.send(protocol.RESULT, (call_id, reply.out, reply.err), reply.blob)
+                meta: tuple[Any, ...] = (call_id, reply.out, reply.err, reply.usage)
+                self.send(protocol.RESULT, meta, reply.blob)
             else:
-                self.send(protocol.ERROR, (call_id, reply.info, reply.out, reply.err), reply.blob)
+                meta = (call_id, reply.info, reply.out, reply.err, reply.usage)
+                self.send(protocol.ERROR, meta, reply.blob)
         except MemoryError:
             del reply
             self.send(protocol.ERROR, (call_id, _OUT_OF_MEMORY, "", ""))  # small: may fit

@@ -274,7 +274,7 @@ def test_worker_killed_under_load_fails_only_its_calls_and_never_reruns(
 def test_a_task_dask_reruns_elsewhere_does_not_run_the_program(
     dask_address: str, tmp_path: Path
 ) -> None:
-    from dspool_jupyter.dask_backend import _dask_call
+    from dspool_jupyter.dask_tasks import _dask_call
     from dspool_jupyter.store import ProgramStore
 
     spec = ProgramStore(tmp_path / "store").put("marked", MARKED)
