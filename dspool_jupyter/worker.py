@@ -151,7 +151,7 @@ class _Worker:
                 self.send(protocol.ERROR, meta, reply.blob)
         except MemoryError:
             del reply
-            self.send(protocol.ERROR, (call_id, _OUT_OF_MEMORY, "", ""))  # small: may fit
+            self.send(protocol.ERROR, (call_id, _OUT_OF_MEMORY, "", "", None))  # small: may fit
         if self.memory_limit and runtime.memory_exhausted(int(self.memory_limit)):
             # The failed call's memory is still held (a global, a leak): every later call
             # would fail the same way. Exit; the pool replaces this worker.
