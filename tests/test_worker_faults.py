@@ -87,10 +87,8 @@ def test_a_stuck_close_stops_the_template_gently_first(make_pool: MakePool) -> N
     pids = pool.run("spawner", timeout=20)
     template = pool._backend._template  # type: ignore[attr-defined]
     assert template is not None
-    begun = time.monotonic()
     local_backend.kill_process_group(template.process)
-    assert time.monotonic() - begun < local_backend.TERMINATE_GRACE
-    assert template.process.returncode == 0  # it ran its clean-up and exited
+    assert template.process.returncode == 0  # SIGTERM: it ran its clean-up and exited
     wait_for(lambda: _all_gone(pids), timeout=10)
 
 
