@@ -49,7 +49,8 @@ How the pieces map:
   call raises KeyboardInterrupt in the thread running it (delivered when the thread next
   runs Python code); a program that ignores it for ``CANCEL_GRACE`` seconds has its
   worker killed the same way. A worker without a nanny cannot be killed by the pool.
-- **Output.** What a program prints in its own thread is captured per call.
+- **Output.** What a program prints is captured per call (a ContextVar-routed
+  ``sys.stdout``/``sys.stderr`` on the worker, see :mod:`dspool_jupyter.runtime`).
 - **Large arguments** travel inside the Dask task, through Dask's own transport (no
   shared memory): pass big data by reference (a path, a Dask-scattered future) instead.
 
@@ -58,33 +59,39 @@ Cost: a call is one Dask task plus a gather (``bench/dask_backend.py``: ~13 ms a
 more cores than one machine has. ``dspool_jupyter`` (and whatever the programs import)
 must be installed on every Dask worker. ``worker_memory_limit`` is not supported (use the
 cluster's ``--memory-limit``).
+
+The worker-side functions (``_dask_hello``, ``_dask_call``, ``_interrupt_call``,
+``_kill_worker_process``) live in :mod:`dspool_jupyter.dask_tasks`, which imports nothing
+of the kernel side: a Dask worker never imports this module.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
-import ctypes
-import importlib
-import io
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO, cast
-
-import cloudpickle
+from typing import TYPE_CHECKING, Any
 
 from . import registry
 from .backend import BackendOptions, KillReason, WorkerSlot, call_locked_soon
+from .dask_tasks import (
+    _ERROR,
+    _INTERRUPT_PENDING,
+    _INTERRUPT_SENT,
+    _MISROUTED,
+    _NEED_SPEC,
+    _RESULT,
+    _dask_call,
+    _dask_hello,
+    _dspool_version,
+    _interrupt_call,
+    _kill_worker_process,
+)
 from .errors import DspoolError, PoolClosed, ProgramError, ProgramNotFound
-from .store import ProgramSpec
 
 if TYPE_CHECKING:
     from .calls import Call
@@ -104,19 +111,6 @@ INTERRUPT_REACH = 2.0  # seconds an interrupt may take to reach a worker (a dead
 FAST_POLL_INTERVAL = 0.1  # seconds between polls just after a start, a death or a kill
 FAST_POLL_SPAN = 10.0  # seconds of fast polling after each of those
 HELLO_RETRY_MAX = 30.0  # seconds: longest wait before a failed hello is tried again
-WORKER_PROGRAM_CACHE = 256  # built programs a Dask worker keeps (by content-hash id)
-MAX_ERROR_BLOB = 1 << 20  # bytes: a larger pickled exception is not sent back
-
-# Reply kinds of the worker-side task.
-_RESULT = "result"
-_ERROR = "error"
-_NEED_SPEC = "need_spec"
-_MISROUTED = "misrouted"
-# What _interrupt_call found, and the Dask task states that may still reach the program.
-_INTERRUPT_SENT = "sent"
-_INTERRUPT_PENDING = "pending"
-_INTERRUPT_GONE = "gone"
-_TASK_WAITING = frozenset({"ready", "constrained", "waiting", "executing", "long-running"})
 
 
 @dataclass(eq=False)
@@ -258,6 +252,7 @@ class DaskBackend:
             record,
             call.blob,
             self.options.max_result_bytes,
+            call.id,
             key=task.key,
             workers=[slot.address],
             allow_other_workers=False,
@@ -681,9 +676,9 @@ class DaskBackend:
             worker.known.add(call.program_id)
         d.release(worker, call.id)
         if kind == _RESULT:
-            d.settle_value(worker, call, reply[3], reply[1], reply[2])
+            d.settle_value(worker, call, reply[3], reply[1], reply[2], reply[4])
         elif kind == _ERROR:
-            d.settle_error(worker, call, reply[1], reply[4], reply[2], reply[3])
+            d.settle_error(worker, call, reply[1], reply[4], reply[2], reply[3], reply[5])
         else:
             d.fail(call, ProgramNotFound(call.program, call.session), worker)
             d.after_release(worker)
@@ -789,212 +784,3 @@ class DaskBackend:
                 await asyncio.wait_for(cluster.close(), CLOSE_TIMEOUT * 2)
             except Exception:
                 log.warning("dspool: stopping the LocalCluster failed", exc_info=True)
-
-
-def _dspool_version() -> str:
-    from . import __version__
-
-    return str(__version__)
-
-
-# ---------------------------------------------------------------- worker side (Dask)
-# These run in the Dask worker processes (pickled by reference: the worker imports this
-# module). A worker runs several calls at once in its threads, hence the lock.
-
-_worker_lock = threading.Lock()
-_worker_programs: collections.OrderedDict[str, Callable[..., Any]] = collections.OrderedDict()
-_worker_running: dict[str, int] = {}  # call key -> ident of the thread running it
-_worker_interrupted: set[str] = set()  # running calls already sent their interrupt
-_call_output = threading.local()
-
-
-class _ThreadOutput:
-    """``sys.stdout``/``sys.stderr`` on a Dask worker: a running call's thread writes
-    into that call's buffer, every other thread to the original stream."""
-
-    def __init__(self, name: str, fallback: TextIO) -> None:
-        self._name = name
-        self._fallback = fallback
-
-    def write(self, text: str) -> int:
-        buffer = getattr(_call_output, self._name, None)
-        target = buffer if buffer is not None else self._fallback
-        return target.write(text)
-
-    def flush(self) -> None:
-        if getattr(_call_output, self._name, None) is None:
-            self._fallback.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fallback, name)
-
-
-def _install_output_capture() -> None:
-    with _worker_lock:
-        if not isinstance(sys.stdout, _ThreadOutput):
-            sys.stdout = cast(TextIO, _ThreadOutput("out", sys.stdout))
-        if not isinstance(sys.stderr, _ThreadOutput):
-            sys.stderr = cast(TextIO, _ThreadOutput("err", sys.stderr))
-
-
-def _dask_hello(preload: list[str]) -> dict[str, Any]:
-    """First task on every Dask worker: preloads, identity, versions."""
-    from distributed import get_worker
-
-    worker = get_worker()
-    _install_output_capture()
-    errors = []
-    for name in preload:
-        try:
-            importlib.import_module(name)
-        except BaseException as exc:  # an import that exits must not end the worker
-            errors.append(
-                f"preload {name!r} failed on {worker.address}: {type(exc).__name__}: {exc}"
-            )
-    return {
-        "uid": worker.id,
-        "pid": os.getpid(),
-        "python": sys.version.split()[0],
-        "dspool": _dspool_version(),
-        "preload_errors": errors,
-    }
-
-
-def _error_info(
-    phase: str, exc: BaseException, out: str, err: str, skip_frames: int = 0
-) -> tuple[Any, ...]:
-    tb = exc.__traceback__
-    for _ in range(skip_frames):
-        if tb is not None:
-            tb = tb.tb_next
-    info = {
-        "phase": phase,
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
-    }
-    try:
-        blob = cloudpickle.dumps(exc)
-        if len(blob) > MAX_ERROR_BLOB:
-            blob = b""
-    except Exception:
-        blob = b""
-    return (_ERROR, info, out, err, blob)
-
-
-def _load_program(program_id: str, record: dict[str, Any] | None) -> Callable[..., Any] | None:
-    from .worker import build_program
-
-    with _worker_lock:
-        fn = _worker_programs.get(program_id)
-        if fn is not None:
-            _worker_programs.move_to_end(program_id)
-            return fn
-    if record is None:
-        return None
-    fn = build_program(ProgramSpec.from_record(record))
-    with _worker_lock:
-        _worker_programs[program_id] = fn
-        while len(_worker_programs) > WORKER_PROGRAM_CACHE:
-            _worker_programs.popitem(last=False)
-    return fn
-
-
-def _dask_call(
-    uid: str,
-    key: str,
-    program_id: str,
-    name: str,
-    record: dict[str, Any] | None,
-    blob: bytes,
-    max_result_bytes: int,
-) -> tuple[Any, ...]:
-    """One pool call on a Dask worker; the reply is a tuple, never an exception."""
-    from distributed import get_worker
-
-    if get_worker().id != uid:
-        return (_MISROUTED,)  # Dask reran it elsewhere: a call never runs twice
-    try:
-        fn = _load_program(program_id, record)
-    except Exception as exc:
-        return _error_info("load", exc, "", "")
-    if fn is None:
-        return (_NEED_SPEC,)
-    try:
-        args, kwargs = cloudpickle.loads(blob)
-    except Exception as exc:
-        return _error_info("args", exc, "", "")
-    if not isinstance(sys.stdout, _ThreadOutput):
-        _install_output_capture()
-    out, err = io.StringIO(), io.StringIO()
-    _call_output.out, _call_output.err = out, err
-    try:
-        try:
-            with _worker_lock:
-                _worker_running[key] = threading.get_ident()
-            try:
-                value = fn(*args, **kwargs)
-            finally:
-                with _worker_lock:
-                    _worker_running.pop(key, None)
-                    _worker_interrupted.discard(key)
-        except KeyboardInterrupt as exc:
-            return _error_info("cancelled", exc, out.getvalue(), err.getvalue())
-        except BaseException as exc:  # SystemExit too: a program's exit is its error
-            return _error_info("run", exc, out.getvalue(), err.getvalue(), skip_frames=1)
-    finally:
-        _call_output.out = _call_output.err = None
-    try:
-        result = cloudpickle.dumps(value)
-    except Exception as exc:
-        return _error_info(
-            "result",
-            TypeError(f"the result ({type(value).__name__}) cannot be pickled: {exc}"),
-            out.getvalue(),
-            err.getvalue(),
-        )
-    if len(result) > max_result_bytes:
-        return _error_info(
-            "result",
-            ValueError(
-                f"the result is {len(result)} bytes pickled, over the pool's "
-                f"max_result_bytes of {max_result_bytes}"
-            ),
-            out.getvalue(),
-            err.getvalue(),
-        )
-    return (_RESULT, out.getvalue(), err.getvalue(), result)
-
-
-def _interrupt_call(key: str, dask_worker: Any = None) -> str:
-    """Raise KeyboardInterrupt in the thread running call ``key`` (``client.run``).
-
-    Says whether it was sent, whether the task is still on its way to the program (try
-    again), or whether nothing of it runs here any more.
-    """
-    with _worker_lock:
-        ident = _worker_running.get(key)
-        if ident is not None:
-            if key in _worker_interrupted:
-                return _INTERRUPT_SENT  # once: a second one could land in its handler
-            _worker_interrupted.add(key)
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt)
-            )
-            return _INTERRUPT_SENT
-    state = getattr(dask_worker, "state", None)
-    if state is None:
-        return _INTERRUPT_GONE
-    task = state.tasks.get(key)
-    if task is not None and (task in state.executing or task.state in _TASK_WAITING):
-        return _INTERRUPT_PENDING
-    return _INTERRUPT_GONE
-
-
-def _kill_worker_process(pid: int, dask_worker: Any = None) -> bool:
-    """In a nanny (``client.run(..., nanny=True)``): SIGKILL its worker if it is ``pid``."""
-    process = getattr(getattr(dask_worker, "process", None), "process", None)
-    if process is None or process.pid != pid:
-        return False  # already gone or replaced
-    os.kill(pid, signal.SIGKILL)
-    return True

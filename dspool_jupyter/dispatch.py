@@ -145,6 +145,7 @@ class Dispatcher:
         bus: EventBus,
         token: str,
         cancel_grace: float = CANCEL_GRACE,
+        memory_limit: int | None = None,
     ) -> None:
         self.lock = threading.RLock()
         self.ready_cond = threading.Condition(self.lock)
@@ -154,6 +155,7 @@ class Dispatcher:
         self.bus = bus
         self.token = token
         self.cancel_grace = cancel_grace
+        self.memory_limit = memory_limit  # bytes per worker (named in WorkerCrashed)
         self.supervisor = Supervisor(self.lock)
         self.backend: Backend | None = None
         self.ids = itertools.count(1)
@@ -483,11 +485,17 @@ class Dispatcher:
         return call
 
     def settle_value(
-        self, worker: WorkerSlot, call: Call, blob: bytes, stdout: str, stderr: str
+        self,
+        worker: WorkerSlot,
+        call: Call,
+        blob: bytes,
+        stdout: str,
+        stderr: str,
+        usage: dict[str, Any] | None = None,
     ) -> None:
-        """``call`` returned the pickled value ``blob`` on ``worker``."""
+        """``call`` returned the pickled value ``blob`` on ``worker`` (``usage``: its LM use)."""
         future = call.future
-        future.stdout, future.stderr = stdout, stderr
+        future.stdout, future.stderr, future.usage = stdout, stderr, usage
         try:
             value = cloudpickle.loads(blob)
         except Exception as exc:
@@ -517,9 +525,10 @@ class Dispatcher:
         blob: bytes,
         stdout: str,
         stderr: str,
+        usage: dict[str, Any] | None = None,
     ) -> None:
         """``call`` ended in the error the worker described (``info``, pickled ``blob``)."""
-        call.future.stdout, call.future.stderr = stdout, stderr
+        call.future.stdout, call.future.stderr, call.future.usage = stdout, stderr, usage
         error = error_from_reply(call.program, call.session, worker.id, info, blob)
         if isinstance(error, CallCancelled) and not call.interrupted:
             error = ProgramError(
@@ -750,7 +759,9 @@ class Dispatcher:
             if self.stopped:
                 error: BaseException = PoolClosed("the pool was closed while the call ran")
             else:
-                error = WorkerCrashed(call.program, worker.id, worker.pid, worker.returncode)
+                error = WorkerCrashed(
+                    call.program, worker.id, worker.pid, worker.returncode, self.memory_limit
+                )
             self.fail(call, error, worker)
         if self.bus.active:
             self.emit(

@@ -13,9 +13,9 @@ later pool on the same store) builds it from the store alone:
   ``%%dspool program`` cell that defines it.
 - **Module programs**: a ``%%dspool program`` cell (kind ``'source'``) whose entry is a
   ``dspy.Module`` subclass. Each worker instantiates it once, with no arguments, and
-  calls the instance (:func:`build_module_program`, reached from
-  ``worker.build_program``). Any other callable in such a cell (a function that uses a
-  module, a module instance) is called as it is.
+  calls the instance (:func:`build_module_program`, registered with
+  :mod:`dspool_jupyter.programs` as an entry wrapper). Any other callable in such a cell
+  (a function that uses a module, a module instance) is called as it is.
 
 Inputs are checked before any LM call: a signature program takes its input fields as
 keywords (or positionally, in the signature's order) and a missing or unknown field is a
@@ -60,15 +60,18 @@ sets ``LITELLM_LOCAL_MODEL_COST_MAP=True`` (unless set) before anything imports 
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import difflib
 import inspect
 import logging
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import programs
 from .errors import DspoolError, InvalidProgram
 from .store import _PARSE_LOCK, ProgramSpec
 
@@ -547,20 +550,59 @@ def _build_lm(dspy: Any, config: Mapping[str, Any]) -> Any:
 
 
 def apply_lm(config: dict[str, Any]) -> None:
-    """The worker set-up: build the LM, make it DSPy's default, bound the histories."""
+    """The worker set-up: build the LM, make it DSPy's default, bound the histories.
+
+    Safe from any thread and when applied again: see :func:`_configure`.
+    """
     global _history_limit
     dspy = _import_dspy()
     lm = _build_lm(dspy, config)
     limit = int(config.get("max_history_size", DEFAULT_MAX_HISTORY))
-    # Calls and set-ups run on the worker's main thread: the thread dspy.configure wants.
     if limit == 0:
-        dspy.configure(lm=lm, disable_history=True)
+        _configure(dspy, {"lm": lm, "disable_history": True})
     else:
-        dspy.configure(lm=lm, disable_history=False, max_history_size=limit)
+        _configure(dspy, {"lm": lm, "disable_history": False, "max_history_size": limit})
     base_lm: Any = sys.modules.get("dspy.clients.base_lm")
     if base_lm is not None and hasattr(base_lm, "MAX_HISTORY_SIZE"):
         base_lm.MAX_HISTORY_SIZE = max(1, limit)  # the global history's bound
     _history_limit = limit
+
+
+_owner_lock = threading.Lock()
+_owner: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _configure(dspy: Any, settings: dict[str, Any]) -> None:
+    """``dspy.configure(**settings)`` from whichever thread a worker set-up runs on.
+
+    DSPy lets only the thread that first called ``dspy.configure`` call it again. A
+    worker of concurrency 1 runs set-ups on its main thread, which configures DSPy
+    itself (as a program on that thread may too). A worker of concurrency > 1 runs them
+    on any of its call threads, so they are handed to one long-lived thread of this
+    module, always the same. If another thread owns the configuration anyway (a
+    program called ``dspy.configure`` on a call thread), the defaults are written where
+    ``dspy.configure`` writes them, under DSPy's settings lock. Calls on every thread
+    then see the LM (DSPy's global defaults); ``dspy.context`` overrides still win.
+    """
+
+    def configure() -> None:
+        try:
+            dspy.configure(**settings)
+        except RuntimeError:
+            holder = sys.modules["dspy.dsp.utils.settings"]
+            with dspy.settings.lock:
+                holder.main_thread_config.update(settings)
+
+    if threading.current_thread() is threading.main_thread():
+        configure()
+        return
+    with _owner_lock:
+        if not _owner:
+            _owner.append(
+                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dspool-dspy-config")
+            )
+        owner = _owner[0]
+    owner.submit(configure).result()
 
 
 _pool_lms: weakref.WeakKeyDictionary[SupportsWorkerSetup, dict[str, Any]] = (
@@ -595,3 +637,14 @@ def current_lm(pool: SupportsWorkerSetup) -> dict[str, Any] | None:
     }
     model = config["model"] if config["lm"] is None else repr(config["lm"])
     return {"model": model, **shown, "max_history_size": config["max_history_size"]}
+
+
+def _module_entry(spec: ProgramSpec, entry: Any) -> ModuleProgram | None:
+    """A source program whose entry is a ``dspy.Module`` class runs one instance of it."""
+    if isinstance(entry, type) and programs.is_dspy_module(entry):
+        return build_module_program(spec, entry)
+    return None
+
+
+programs.register_kind("signature", build_signature_program)
+programs.wrap_entry(_module_entry)

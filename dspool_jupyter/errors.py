@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from .protocol import EXIT_OUT_OF_MEMORY
+
 __all__ = [
     "BudgetExceeded",
     "CallCancelled",
@@ -75,11 +77,19 @@ class ProgramError(DspoolError):
 class WorkerCrashed(DspoolError):
     """Raised when the worker running the call died during it (exit, signal, segfault).
 
-    The pool has already started a replacement; only this call is lost.
+    The pool has already started a replacement; only the calls that worker was running
+    are lost. A worker that ran out of its ``worker_memory_limit`` and could not recover
+    exits with :data:`~dspool_jupyter.protocol.EXIT_OUT_OF_MEMORY`: the message then
+    names the limit and ``out_of_memory`` is True.
     """
 
     def __init__(
-        self, program: str, worker_id: str, pid: int | None, returncode: int | None
+        self,
+        program: str,
+        worker_id: str,
+        pid: int | None,
+        returncode: int | None,
+        memory_limit: int | None = None,
     ) -> None:
         self.program = program
         self.worker_id = worker_id
@@ -87,9 +97,20 @@ class WorkerCrashed(DspoolError):
         self.returncode = returncode
         self.exit_code = returncode if returncode is not None and returncode >= 0 else None
         self.signal: int | None = -returncode if returncode is not None and returncode < 0 else None
+        self.memory_limit = memory_limit
+        self.out_of_memory = memory_limit is not None and returncode == EXIT_OUT_OF_MEMORY
+        if self.out_of_memory:
+            assert memory_limit is not None
+            cause = (
+                f"it ran out of memory (worker_memory_limit={memory_limit} bytes, "
+                f"{memory_limit / (1 << 20):.0f} MiB) and could not recover "
+                f"({describe_returncode(returncode)})"
+            )
+        else:
+            cause = describe_returncode(returncode)
         super().__init__(
             f"worker {worker_id} (pid {pid}) died while running program {program!r}: "
-            f"{describe_returncode(returncode)}; the pool replaced it"
+            f"{cause}; the pool replaced it"
         )
 
 

@@ -56,6 +56,7 @@ __all__ = ["OWNER_ENV", "LocalBackend", "LocalWorker", "TemplateHandle", "kill_p
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 5.0  # seconds close() waits for the template to stop its workers
+TERMINATE_GRACE = 2.0  # seconds a SIGTERMed template gets to stop its workers' processes
 PIPELINE_DEPTH = 2  # calls sent to a one-slot worker at once: one runs, one waits
 PIPELINE_SHORT_CALL = 0.005  # seconds: only behind a program this fast may a call wait
 DURATION_MEMORY = 4096  # programs whose typical run time the pool remembers
@@ -100,8 +101,23 @@ def _unread_bytes(sock: socket.socket) -> int:
     return buf[0]
 
 
-def kill_process_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the template's session (it and every worker it forked)."""
+def kill_process_group(process: subprocess.Popen[bytes], grace: float = TERMINATE_GRACE) -> None:
+    """Stop the template: SIGTERM, then SIGKILL to its process group after ``grace`` s.
+
+    Each worker is a process group of its own, so the template's group holds the template
+    alone; SIGKILLed at once, it could not stop its workers' children (they would go to
+    init). On SIGTERM it kills its workers, their groups and every orphan it adopted,
+    then exits; its workers die with it in any case (their parent-death signal).
+    """
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -589,9 +605,9 @@ class LocalBackend:
                 return  # a reply to a call this worker no longer runs: never hand it on
             self._learn_duration(call)
             if kind == protocol.RESULT:
-                d.settle_value(worker, call, blob, meta[1], meta[2])
+                d.settle_value(worker, call, blob, meta[1], meta[2], meta[3])
             else:
-                d.settle_error(worker, call, meta[1], blob, meta[2], meta[3])
+                d.settle_error(worker, call, meta[1], blob, meta[2], meta[3], meta[4])
         elif kind == protocol.HEARTBEAT:
             worker.rss = meta[0]
             worker.last_heartbeat = time.time()

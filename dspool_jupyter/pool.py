@@ -218,6 +218,7 @@ class Pool:
             store=self.store,
             bus=self._bus,
             token=self.token,
+            memory_limit=worker_memory_limit,
         )
         module_name, _, class_name = BACKENDS[backend].partition(":")
         module = importlib.import_module(f"{__package__}.{module_name}")

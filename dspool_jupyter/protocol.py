@@ -22,6 +22,7 @@ __all__ = [
     "CALL",
     "CONTROL_MAX_BYTES",
     "ERROR",
+    "EXIT_OUT_OF_MEMORY",
     "FATAL",
     "HEADER",
     "HEARTBEAT",
@@ -51,10 +52,16 @@ STOP = 2  # meta: (); the worker exits 0
 INTERRUPT = 3
 # worker -> pool
 HELLO = 10  # meta: (worker_id, pid)
-RESULT = 11  # meta: (call_id, stdout, stderr); blob: cloudpickled value
-ERROR = 12  # meta: (call_id, error dict, stdout, stderr); blob: pickled exception or b""
+# ``usage``: the call's LM usage (a dict, see usage.Usage.as_dict) or None.
+RESULT = 11  # meta: (call_id, stdout, stderr, usage); blob: cloudpickled value
+ERROR = 12  # meta: (call_id, error dict, stdout, stderr, usage); blob: pickled exception or b""
 HEARTBEAT = 13  # meta: (rss bytes or None, busy call id or None)
 FATAL = 14  # meta: (message,); the worker could not start and exits next
+
+# A worker's exit status when it ran out of memory (its worker_memory_limit) and could
+# not recover: it exits with this code instead of replying. The pool reports the calls
+# it ran as WorkerCrashed naming the memory limit.
+EXIT_OUT_OF_MEMORY = 86
 
 MAX_META_BYTES = 64 * 1024 * 1024  # a larger meta part is a protocol breach
 CONTROL_MAX_BYTES = 1 << 16  # control packets are small dicts

@@ -6,15 +6,56 @@ The *template* imports the preload modules once, then forks a worker for every
 when each needs a heavy import. It reaps its children and reports each exit code to the
 pool. The template is single-threaded: forking from it is safe.
 
-A *worker* resolves the program by id from the store, caches the compiled program by
-its content-hash id (a redefined program has a new id, so the cache is never stale),
-runs the call and replies with the value or the error and its traceback. A program's
+A *worker* resolves the program by id from the store and runs calls through
+:mod:`dspool_jupyter.runtime` (programs cached by content-hash id, so a redefined
+program is never stale; output captured per call; every outcome a reply). A program's
 exception, an unpicklable result or a program that fails to load is a reply, never a
-reason to exit. A worker exits when told to, when its socket closes, or when its parent
-is gone: on Linux the kernel kills it (``PR_SET_PDEATHSIG``) when the template dies, and
-the template likewise dies with the pool's process, so no worker outlives the kernel,
-even after ``kill -9``. A heartbeat thread reports memory and watches the parent where
-no death signal exists.
+reason to exit.
+
+**Calls at once** (config ``"concurrency": K``, default 1; the pool never sends more
+than K calls at once):
+
+- K = 1: the main thread reads a frame and runs the call itself (no thread hop on the
+  hot path); the pool interrupts it with SIGINT, which only lands while the program
+  runs. An INTERRUPT frame is ignored.
+- K > 1: the main thread only reads frames. Plain functions run on a pool of K
+  threads, ``async def`` entries on the worker's own event loop (one thread); replies
+  are sent under a lock. ``INTERRUPT (call_id, reason)`` interrupts that call only:
+  ``KeyboardInterrupt`` in its thread (``PyThreadState_SetAsyncExc``: it lands when the
+  thread next runs Python code, so a blocking C call such as ``time.sleep(30)`` or a
+  socket read finishes first; the pool's cancel grace covers that) or ``task.cancel()``
+  for a task. The call replies ERROR with phase ``"cancelled"``. A queued call it names
+  never starts; one for a call no longer running is ignored.
+- In both, a ``KeyboardInterrupt`` the program raises itself is its error (phase
+  ``"run"``): only the pool's interrupt is a cancel. HEARTBEAT's busy call id is the
+  oldest running call.
+
+**No process outlives its worker.** Each worker is its own process group and a child
+subreaper (orphans of what its programs start become its children, for as long as it
+lives). The template is a child subreaper too: when a worker exits it SIGKILLs the
+worker's group (while the dead worker is still a zombie, so its group id cannot be
+reused) and every orphan it has adopted (all of it came from a dead worker: a live
+worker adopts its own); it looks again every :data:`PARENT_POLL_INTERVAL` seconds and,
+at exit, kills all of it. The template dies with the pool's process by ``SIGTERM``
+(``PR_SET_PDEATHSIG``, catchable, so a ``kill -9`` of the kernel still runs that
+clean-up); a worker dies with the template by ``SIGKILL``. What can still escape: the
+descendants of a template that is itself SIGKILLed from outside (its workers die, their
+orphans go to init), a process that a program hands to another service (``systemd-run``,
+``at``, a container runtime, a remote host), and a process that a program started in a
+new PID namespace. A program calling ``setsid`` does not escape: the subreapers do not
+care about sessions. Orphans a live worker adopted and that exit stay zombies until the
+worker exits (reaping them would race with the program's own ``wait``).
+
+**Memory.** With ``memory_limit`` (bytes) the worker sets ``RLIMIT_DATA`` and keeps an
+emergency reserve (:func:`dspool_jupyter.runtime.reserve_memory`), so a blow-up is a
+``MemoryError`` reply. When the worker cannot recover (the reserve cannot be taken
+back, or more than 90 % of the limit is still in use after the failed call, e.g. held
+by a global) it sends that reply and then exits with
+:data:`dspool_jupyter.protocol.EXIT_OUT_OF_MEMORY`; out of memory outside a call it
+exits with that code at once.
+
+Signals are blocked across ``fork`` in the template, so a child that the closing
+template SIGTERMs while it starts dies quietly instead of printing ``SystemExit``.
 
 This module imports nothing of the kernel side (pool, magics, widgets).
 """
@@ -22,13 +63,14 @@ This module imports nothing of the kernel side (pool, magics, widgets).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
 import ctypes
 import ctypes.util
 import gc
 import importlib
-import io
+import inspect
 import json
-import linecache
 import os
 import resource
 import select
@@ -39,19 +81,16 @@ import threading
 import time
 import traceback
 import types
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
-from . import protocol
+from . import protocol, runtime
+from .context import CallContext
 from .errors import ProgramNotFound
-from .store import ProgramSpec, ProgramStore
+from .store import ProgramStore
 
 __all__ = ["main"]
 
-PROGRAM_CACHE_SIZE = 256  # compiled programs kept per worker
 SHUTDOWN_GRACE = 1.0  # seconds the template waits for workers after SIGTERM
 PARENT_POLL_INTERVAL = 0.5  # seconds between checks that the parent is still there
 PR_SET_PDEATHSIG = 1
@@ -86,21 +125,52 @@ class _Worker:
         self.config = config
         self.parent_pid = os.getppid()
         self.send_lock = threading.Lock()
-        self.in_call = False
-        self.current_call: int | None = None
-        self.programs: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+        self.concurrency = int(config.get("concurrency") or 1)
+        self.state: runtime.CallState | None = None  # the running call (concurrency 1)
+        self.running: dict[int, runtime.CallState] = {}  # call id -> state (concurrency > 1)
+        self.running_lock = threading.Lock()
+        self.programs = runtime.ProgramCache()
         self.max_result_bytes: int = int(config["max_result_bytes"])
         self.store = ProgramStore(config["store"], anonymous_ttl=config.get("anonymous_ttl"))
+        self.memory_limit = config.get("memory_limit")
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- plumbing
     def send(self, kind: int, meta: tuple[Any, ...], blob: bytes = b"") -> None:
         with self.send_lock:
             protocol.send_frame(self.sock, kind, meta, blob)
 
+    def reply(self, call_id: int, reply: runtime.Reply) -> None:
+        try:
+            if reply.info is None:
+                meta: tuple[Any, ...] = (call_id, reply.out, reply.err, reply.usage)
+                self.send(protocol.RESULT, meta, reply.blob)
+            else:
+                meta = (call_id, reply.info, reply.out, reply.err, reply.usage)
+                self.send(protocol.ERROR, meta, reply.blob)
+        except MemoryError:
+            del reply
+            self.send(protocol.ERROR, (call_id, _OUT_OF_MEMORY, "", "", None))  # small: may fit
+        if self.memory_limit and runtime.memory_exhausted(int(self.memory_limit)):
+            # The failed call's memory is still held (a global, a leak): every later call
+            # would fail the same way. Exit; the pool replaces this worker.
+            os._exit(protocol.EXIT_OUT_OF_MEMORY)
+
     def _on_sigint(self, signum: int, frame: types.FrameType | None) -> None:
         # Only a running program is interrupted; between calls SIGINT is a late cancel.
-        if self.in_call:
+        state = self.state
+        if state is not None and state.interruptible:
+            state.cancelled = True
             raise KeyboardInterrupt
+
+    def busy_call(self) -> int | None:
+        """The running call's id (at concurrency > 1 the oldest running), or None."""
+        state = self.state
+        if state is not None:
+            return state.call_id
+        with self.running_lock:
+            return min(self.running) if self.running else None
 
     def _heartbeat(self) -> None:
         interval = float(self.config["heartbeat_interval"])
@@ -109,129 +179,57 @@ class _Worker:
             if os.getppid() != self.parent_pid:
                 os._exit(0)  # the template is gone: so is the pool
             try:
-                self.send(protocol.HEARTBEAT, (_rss_bytes(), self.current_call))
+                self.send(protocol.HEARTBEAT, (_rss_bytes(), self.busy_call()))
             except OSError:
                 os._exit(0)  # the pool closed our socket
+            except MemoryError:
+                continue  # a call is at the memory limit; it gets the MemoryError
             if interval > PARENT_POLL_INTERVAL:
                 time.sleep(interval - PARENT_POLL_INTERVAL)
 
-    # -- programs
-    def _load(self, program_id: str) -> Callable[..., Any]:
-        fn = self.programs.get(program_id)
-        if fn is not None:
-            self.programs.move_to_end(program_id)
-            return fn
-        spec = self.store.get(program_id)
-        fn = build_program(spec)
-        self.programs[program_id] = fn
-        if len(self.programs) > PROGRAM_CACHE_SIZE:
-            self.programs.popitem(last=False)
+    # -- calls
+    def load(self, program_id: str, name: str) -> Callable[..., Any] | runtime.Reply:
+        """The program, or the reply that says why it cannot run."""
+        try:
+            if not self.store.exists(program_id):
+                return runtime.not_found_reply(name)
+            fn = self.programs.get(program_id)
+            if fn is None:
+                fn = self.programs.build(self.store.get(program_id))
+        except ProgramNotFound:
+            return runtime.not_found_reply(name)
+        except Exception as exc:
+            return runtime.error_reply("load", exc)
         return fn
 
-    def _error_reply(
-        self,
-        call_id: int,
-        phase: str,
-        exc: BaseException,
-        out: str,
-        err: str,
-        skip_frames: int = 0,
-    ) -> None:
-        tb = exc.__traceback__
-        for _ in range(skip_frames):
-            if tb is not None:
-                tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
-        info = {
-            "phase": phase,
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": text,
-        }
-        try:
-            blob = cloudpickle.dumps(exc)
-            if len(blob) > 1 << 20:
-                blob = b""
-        except Exception:
-            blob = b""
-        self.send(protocol.ERROR, (call_id, info, out, err), blob)
-
     def handle_call(self, call_id: int, program_id: str, name: str, blob: bytes) -> None:
-        self.current_call = call_id
-        out_buf, err_buf = io.StringIO(), io.StringIO()
+        """Run one call in the main thread (concurrency 1); SIGINT interrupts it."""
+        fn = self.load(program_id, name)
+        if isinstance(fn, runtime.Reply):
+            self.reply(call_id, fn)
+            return
         try:
-            try:
-                if not self.store.exists(program_id):
-                    raise ProgramNotFound(name)
-                fn = self._load(program_id)
-            except ProgramNotFound:
-                info = {
-                    "phase": "not_found",
-                    "type": "ProgramNotFound",
-                    "message": name,
-                    "traceback": "",
-                }
-                self.send(protocol.ERROR, (call_id, info, "", ""), b"")
-                return
-            except Exception as exc:
-                self._error_reply(call_id, "load", exc, "", "")
-                return
-            try:
-                args, kwargs = cloudpickle.loads(blob)
-            except Exception as exc:
-                self._error_reply(call_id, "args", exc, "", "")
-                return
-            saved = sys.stdout, sys.stderr
-            sys.stdout, sys.stderr = out_buf, err_buf
-            try:
-                self.in_call = True
-                value = fn(*args, **kwargs)
-                self.in_call = False
-            except KeyboardInterrupt as exc:
-                self.in_call = False
-                sys.stdout, sys.stderr = saved
-                self._error_reply(call_id, "cancelled", exc, out_buf.getvalue(), err_buf.getvalue())
-                return
-            except BaseException as exc:  # SystemExit too: a program's exit is its error
-                self.in_call = False
-                sys.stdout, sys.stderr = saved
-                self._error_reply(
-                    call_id, "run", exc, out_buf.getvalue(), err_buf.getvalue(), skip_frames=1
-                )
-                return
-            finally:
-                self.in_call = False
-                sys.stdout, sys.stderr = saved
-            try:
-                result = cloudpickle.dumps(value)
-            except Exception as exc:
-                self._error_reply(
-                    call_id,
-                    "result",
-                    TypeError(f"the result ({type(value).__name__}) cannot be pickled: {exc}"),
-                    out_buf.getvalue(),
-                    err_buf.getvalue(),
-                )
-                return
-            if len(result) > self.max_result_bytes:
-                self._error_reply(
-                    call_id,
-                    "result",
-                    ValueError(
-                        f"the result is {len(result)} bytes pickled, over the pool's "
-                        f"max_result_bytes of {self.max_result_bytes}"
-                    ),
-                    out_buf.getvalue(),
-                    err_buf.getvalue(),
-                )
-                return
-            self.send(protocol.RESULT, (call_id, out_buf.getvalue(), err_buf.getvalue()), result)
+            args, kwargs = runtime.prepare_call(blob)
+        except Exception as exc:
+            self.reply(call_id, runtime.error_reply("args", exc))
+            return
+        state = runtime.CallState(call_id)
+        context = CallContext(call_id, name, self.worker_id)
+        self.state = state
+        try:
+            reply = runtime.run_call(
+                fn, args, kwargs, self.max_result_bytes, context, state, solo=True
+            )
         finally:
-            self.current_call = None
+            self.state = None
+        self.reply(call_id, reply)
 
     def serve(self) -> None:
+        runtime.install_output_capture()
         signal.signal(signal.SIGINT, self._on_sigint)
         threading.Thread(target=self._heartbeat, name="dspool-heartbeat", daemon=True).start()
+        if self.concurrency > 1:
+            self._start_many()
         self.send(protocol.HELLO, (self.worker_id, os.getpid()))
         while True:
             try:
@@ -243,66 +241,116 @@ class _Worker:
             kind, meta, blob = frame
             if kind == protocol.CALL:
                 call_id, program_id, name = meta
-                self.handle_call(call_id, program_id, name, blob)
+                if self.concurrency == 1:
+                    self.handle_call(call_id, program_id, name, blob)
+                else:
+                    self._submit(call_id, program_id, name, blob)
+            elif kind == protocol.INTERRUPT:
+                with self.running_lock:
+                    state = self.running.get(meta[0])
+                if state is not None:
+                    state.interrupt()
             elif kind == protocol.STOP:
                 return
             else:
                 raise protocol.ProtocolError(f"unexpected frame kind {kind}")
 
+    # -- many calls at once (concurrency > 1)
+    def _start_many(self) -> None:
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            self.concurrency, thread_name_prefix="dspool-call"
+        )
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        threading.Thread(target=loop.run_forever, name="dspool-asyncio", daemon=True).start()
 
-def build_program(spec: ProgramSpec) -> Callable[..., Any]:
-    """Turn a stored spec into the callable a call runs."""
-    if spec.kind == "source":
-        filename = f"<dspool program {spec.name}>"
-        module = types.ModuleType(f"dspool_program_{spec.id}")
-        module.__file__ = filename
-        source = str(spec.payload)
-        # Tracebacks show the program's lines, like a local cell's.
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        sys.modules[module.__name__] = module
-        # Objects of classes the program defines travel back by value.
-        cloudpickle.register_pickle_by_value(module)
-        exec(compile(source, filename, "exec"), module.__dict__)
-        entry = spec.entry or spec.name
-        fn = module.__dict__.get(entry)
-        if fn is None:
-            raise NameError(f"program {spec.name!r} defines no {entry!r} when it runs")
-        if not callable(fn):
-            raise TypeError(f"entry {entry!r} of program {spec.name!r} is not callable")
-        if isinstance(fn, type) and _is_dspy_module(fn):
-            # A dspy.Module class: built once per worker, and its instance is called.
-            from . import dspy_programs
+    def _submit(self, call_id: int, program_id: str, name: str, blob: bytes) -> None:
+        assert self.executor is not None
+        state = runtime.CallState(call_id)
+        with self.running_lock:
+            self.running[call_id] = state
+        self.executor.submit(self._thread_call, state, program_id, name, blob)
 
-            return dspy_programs.build_module_program(spec, fn)
-        return fn  # type: ignore[no-any-return]
-    if spec.kind == "pickle":
-        fn = cloudpickle.loads(spec.payload)
-        if not callable(fn):
-            raise TypeError(f"program {spec.name!r} is not callable")
-        return fn  # type: ignore[no-any-return]
-    if spec.kind == "signature":
-        from . import dspy_programs  # optional extra, imported only when used
+    def _finish(self, state: runtime.CallState, reply: runtime.Reply) -> None:
+        with self.running_lock:
+            self.running.pop(state.call_id, None)
+        self.reply(state.call_id, reply)
 
-        return dspy_programs.build_signature_program(spec)
-    raise TypeError(f"program {spec.name!r} has unknown kind {spec.kind!r}")
+    def _thread_call(
+        self, state: runtime.CallState, program_id: str, name: str, blob: bytes
+    ) -> None:
+        try:
+            fn = self.load(program_id, name)
+            if isinstance(fn, runtime.Reply):
+                self._finish(state, fn)
+                return
+            try:
+                args, kwargs = runtime.prepare_call(blob)
+            except Exception as exc:
+                self._finish(state, runtime.error_reply("args", exc))
+                return
+            context = CallContext(state.call_id, name, self.worker_id)
+            if _is_async(fn):
+                assert self.loop is not None
+                state.loop = self.loop
+                asyncio.run_coroutine_threadsafe(
+                    self._async_call(state, fn, args, kwargs, context), self.loop
+                )
+                return
+            state.thread_id = threading.get_ident()
+            reply = runtime.run_call(fn, args, kwargs, self.max_result_bytes, context, state)
+            self._finish(state, reply)
+        except MemoryError:
+            os._exit(protocol.EXIT_OUT_OF_MEMORY)
+        except BaseException as exc:  # a reply for every call, whatever broke
+            self._finish(state, runtime.error_reply("run", exc))
+
+    async def _async_call(
+        self,
+        state: runtime.CallState,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: CallContext,
+    ) -> None:
+        state.task = asyncio.current_task()
+        try:
+            reply = await runtime.arun_call(fn, args, kwargs, self.max_result_bytes, context, state)
+        except BaseException as exc:  # a reply for every call, whatever broke
+            reply = runtime.error_reply("run", exc)
+        self._finish(state, reply)
 
 
-def _is_dspy_module(cls: type) -> bool:
-    """True for a ``dspy.Module`` subclass (dspy is loaded then: the program imported it)."""
-    module_type = getattr(sys.modules.get("dspy"), "Module", None)
-    return isinstance(module_type, type) and issubclass(cls, module_type)
+_OUT_OF_MEMORY = {
+    "phase": "run",
+    "type": "MemoryError",
+    "message": "out of memory (the worker's memory limit); the reply could not be built",
+    "traceback": "",
+}
+
+
+def _is_async(fn: Any) -> bool:
+    """True for an ``async def`` function (or an object whose ``__call__`` is one)."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    method = getattr(type(fn), "__call__", None)  # noqa: B004 - the method, not callable()
+    return inspect.iscoroutinefunction(method)
 
 
 def _worker_main(fd: int, worker_id: str, config: dict[str, Any], template_pid: int) -> int:
     _set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != template_pid:
         return 0  # the template died before we could ask to die with it
+    # Orphans of what a program starts stay this worker's until it exits; then the
+    # template (a subreaper too) adopts and kills them.
+    _set_child_subreaper()
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     limit = config.get("memory_limit")
     if limit:
         # A program that blows up its memory gets MemoryError (a reply), not the OOM killer.
         resource.setrlimit(resource.RLIMIT_DATA, (int(limit), int(limit)))
+        runtime.reserve_memory()
     try:
         worker = _Worker(sock, worker_id, config)
     except Exception as exc:
@@ -311,7 +359,10 @@ def _worker_main(fd: int, worker_id: str, config: dict[str, Any], template_pid: 
         except OSError:
             pass
         return 1
-    worker.serve()
+    try:
+        worker.serve()
+    except MemoryError:
+        return protocol.EXIT_OUT_OF_MEMORY  # out of memory outside a call: cannot go on
     return 0
 
 
@@ -324,6 +375,7 @@ class _Template:
         self.config = config
         self.children: dict[int, str] = {}
         self.parent_pid = os.getppid()
+        self.pid = os.getpid()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -338,36 +390,60 @@ class _Template:
         return errors
 
     def spawn(self, worker_id: str, fd: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
+        # Signals stay blocked across fork: a SIGTERM must not run the template's
+        # handler (SystemExit) in the child while Python's after-fork hooks run.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    self.control.close()
+                    os.close(self.wake_r)
+                    os.close(self.wake_w)
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    os.setpgid(0, 0)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
+                    code = _worker_main(fd, worker_id, self.config, self.pid)
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    os._exit(code)
             try:
-                self.control.close()
-                os.close(self.wake_r)
-                os.close(self.wake_w)
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                code = _worker_main(fd, worker_id, self.config, self.pid)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
+                os.setpgid(pid, pid)  # also here: whichever runs first, the group exists
+            except OSError:
+                pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
         os.close(fd)
         self.children[pid] = worker_id
         protocol.send_control(self.control, {"op": "spawned", "worker_id": worker_id, "pid": pid})
 
     def reap(self) -> None:
-        while self.children:
+        """Collect exited children: report workers, kill what a dead worker left behind."""
+        while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                # WNOWAIT: the dead worker stays a zombie, so its pid (and process group
+                # id) cannot be reused before its group is killed.
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if info is None or info.si_pid == 0:
                 return
-            worker_id = self.children.pop(pid, None)
-            if worker_id is None:
+            pid = info.si_pid
+            worker_id = self.children.get(pid)
+            if worker_id is not None:
+                _kill_group(pid)
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
                 continue
+            if worker_id is None:
+                continue  # an orphan this template adopted and killed
+            del self.children[pid]
+            self.sweep()
             returncode = os.waitstatus_to_exitcode(status)
             try:
                 protocol.send_control(
@@ -377,7 +453,21 @@ class _Template:
             except OSError:
                 pass
 
+    def sweep(self) -> int:
+        """SIGKILL every child that is not a worker (orphans of dead workers); how many."""
+        killed = 0
+        for pid in _children_of(self.pid):
+            if pid in self.children:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        return killed
+
     def shutdown(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -388,37 +478,42 @@ class _Template:
             self.reap()
             time.sleep(0.01)
         for pid in list(self.children):
+            _kill_group(pid)
+        # Workers and their groups are gone; what left the groups was adopted by this
+        # template (a child subreaper) or will be when its parent dies: kill it too.
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while time.monotonic() < deadline:
+            self.children.clear()
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        while self.children:
-            try:
-                pid, _ = os.waitpid(-1, 0)
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
             except ChildProcessError:
+                pass
+            if not self.sweep() and not _children_of(self.pid):
                 break
-            self.children.pop(pid, None)
+            time.sleep(0.01)
 
     def serve(self) -> int:
-        self.pid = os.getpid()
+        _set_child_subreaper()
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        started = time.monotonic()
-        errors = self.preload()
-        # What the template imported is shared with every worker; keep the collector off
-        # it so that a worker's first collection does not copy those pages (fork CoW).
-        gc.freeze()
-        protocol.send_control(
-            self.control,
-            {
-                "op": "ready",
-                "pid": self.pid,
-                "preload_errors": errors,
-                "preload_seconds": time.monotonic() - started,
-            },
-        )
         try:
+            started = time.monotonic()
+            errors = self.preload()
+            # What the template imported is shared with every worker; keep the collector
+            # off it so that a worker's first collection does not copy those pages (CoW).
+            gc.freeze()
+            protocol.send_control(
+                self.control,
+                {
+                    "op": "ready",
+                    "pid": self.pid,
+                    "preload_errors": errors,
+                    "preload_seconds": time.monotonic() - started,
+                },
+            )
+            last_sweep = time.monotonic()
             while True:
                 try:
                     readable, _, _ = select.select(
@@ -446,8 +541,59 @@ class _Template:
                 if os.getppid() != self.parent_pid:
                     return 0
                 self.reap()
+                now = time.monotonic()
+                if now - last_sweep > PARENT_POLL_INTERVAL:
+                    last_sweep = now
+                    self.sweep()
         finally:
             self.shutdown()
+
+
+_FORK_BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_child_subreaper() -> None:
+    """Orphans of this process's descendants become its children (Linux; no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _children_of(pid: int) -> list[int]:
+    """Pids of ``pid``'s live children (Linux ``/proc``; empty where it is missing)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,8 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--config", required=True, help="JSON: store, preload, sys_path, ...")
     args = parser.parse_args(argv)
-    # The template dies with the pool's thread that started it (the kernel).
-    _set_parent_death_signal(signal.SIGKILL)
+    # The template dies with the pool's thread that started it (the kernel), by a signal
+    # it can catch: it kills its workers and what they started before it goes.
+    _set_parent_death_signal(signal.SIGTERM)
     config = json.loads(args.config)
     if os.getppid() != int(config["parent_pid"]):
         return 0

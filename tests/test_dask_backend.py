@@ -274,7 +274,7 @@ def test_worker_killed_under_load_fails_only_its_calls_and_never_reruns(
 def test_a_task_dask_reruns_elsewhere_does_not_run_the_program(
     dask_address: str, tmp_path: Path
 ) -> None:
-    from dspool_jupyter.dask_backend import _dask_call
+    from dspool_jupyter.dask_tasks import _dask_call
     from dspool_jupyter.store import ProgramStore
 
     spec = ProgramStore(tmp_path / "store").put("marked", MARKED)
@@ -453,3 +453,23 @@ def test_journaled_map_runs_on_the_cluster_and_journals_in_the_kernels_store(
     assert (dpool.store.directory / "journals" / "on-dask").is_dir()
     again = dpool.map("inc", range(20), journal="on-dask")
     assert list(again) == list(first) and again.restored == list(range(20))
+
+
+def test_each_call_reports_its_usage_on_dask(make_dask_pool: MakePool) -> None:
+    from tests.llm_server import LLMServer
+
+    with LLMServer(latency=0.02) as server:
+        pool = make_dask_pool(preload=["dspy"])
+        pool.wait_ready(60)
+        pool.configure_lm(
+            "openai/gpt-4o-mini", api_base=server.url, api_key="x", cache=False, num_retries=0
+        )
+        pool.define_signature("qa", "question -> answer")
+        futures = [pool.submit("qa", question=f"q{i}") for i in range(4)]
+        for future in futures:
+            future.result(60)
+        stats = server.stats()
+    usages = [f.usage for f in futures]
+    assert all(u is not None and u["requests"] == 1 for u in usages), usages
+    assert sum(u["prompt_tokens"] for u in usages if u is not None) == stats["prompt_tokens"]
+    assert pool.usage().requests == stats["ok"] == 4

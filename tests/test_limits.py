@@ -46,8 +46,7 @@ def limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Provider
 def dspy_pool(make_pool: Callable[..., Pool], server: LLMServer, workers: int = 2) -> Pool:
     pool = make_pool(workers, preload=["dspy"])
     pool.wait_ready(60)
-    # What the worker runtime will do (llm.collect_call_usage installs the hook per call).
-    pool.set_worker_setup("llm", "from dspool_jupyter.llm import install_dspy_hook as llm")
+    # No set-up for the DSPy hook: the worker runtime installs it (llm.collect_call_usage).
     pool.configure_lm(MODEL, api_base=server.url, api_key="x", cache=False, num_retries=0)
     pool.define_signature("qa", "question -> answer")
     return pool

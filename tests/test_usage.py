@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from dspool_jupyter import llm
+from dspool_jupyter import Pool, llm
 from dspool_jupyter.context import CallContext, current_call
 from dspool_jupyter.limits import LLM_BROKER_ENV, ProviderLimits
 from dspool_jupyter.usage import Ledger, Usage, price_of
@@ -111,3 +111,37 @@ def test_snapshot_reports_limits_and_achieved_rates(limits: ProviderLimits) -> N
     assert (model.rpm, model.in_flight, model.achieved_rpm) == (120.0, 0, 1.0)
     assert model.pace_rpm == pytest.approx(120 * 0.97)
     assert snapshot.usage.requests == 1 and snapshot.as_dict()["usage"]["total"]["requests"] == 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_each_call_reports_its_own_usage_on_its_future(
+    make_pool: Callable[..., Pool], concurrency: int
+) -> None:
+    # Real DSPy programs in real workers, against the loopback server: each future's
+    # usage is that call's requests only, and together they are the pool's ledger.
+    with LLMServer(latency=0.05) as server:
+        pool = make_pool(2, concurrency=concurrency, preload=["dspy"])
+        pool.wait_ready(60)
+        pool.configure_lm(MODEL, api_base=server.url, api_key="x", cache=False, num_retries=0)
+        pool.define_signature("qa", "question -> answer")
+        pool.define_signature("cot", "question -> answer", module="ChainOfThought")
+        pool.define("plain", "def plain(x):\n    return x + 1\n")
+        futures = [pool.submit("qa", question=f"question {i} " + "x" * i) for i in range(8)]
+        twice = pool.submit("cot", question="first")
+        plain = pool.submit("plain", 1)
+        for future in [*futures, twice, plain]:
+            future.result(60)
+        stats = server.stats()
+    usages = [f.usage for f in futures]
+    assert all(u is not None and u["requests"] == 1 for u in usages), usages
+    prompts = [u["prompt_tokens"] for u in usages if u is not None]
+    assert prompts == sorted(prompts) and len(set(prompts)) > 1  # longer question, more
+    assert twice.usage is not None and twice.usage["requests"] == 1
+    assert twice.usage["cost"] is not None and twice.usage["cost"] > 0
+    assert plain.usage is None  # no LM request: no usage
+    calls = [u for u in [*usages, twice.usage] if u is not None]
+    assert sum(u["requests"] for u in calls) == stats["ok"] == 9
+    assert sum(u["prompt_tokens"] for u in calls) == stats["prompt_tokens"]
+    assert sum(u["completion_tokens"] for u in calls) == stats["completion_tokens"]
+    report = pool.usage()
+    assert report.requests == 9 and report.prompt_tokens == stats["prompt_tokens"]
