@@ -6,9 +6,9 @@ behind it:
 - **Which pool.** One pool per kernel: the magics use the kernel's current pool
   (:func:`dspool_jupyter.pool.current_pool`, the last pool started in this kernel and not
   closed, whether by ``%dspool start`` or by ``Pool(...)`` in code), which is also the
-  one the JupyterLab status item shows. ``%dspool start`` starts a new pool and closes
-  the one the magics started before; a pool made in code is left to its owner (the new
-  one becomes current). ``%dspool stop`` closes the current pool.
+  one the JupyterLab status item shows. ``%dspool start`` while a pool is running says
+  so and changes nothing: ``%dspool start --replace`` stops the running pool (whoever
+  started it) and starts the new one, ``%dspool stop`` just stops it.
 - **Auto-start.** ``program``, ``signature``, ``run``, ``map`` and ``lm`` start a pool with
   the defaults (one worker per CPU, the default store; ``signature`` and ``lm`` also
   preload dspy, so its workers fork with it imported) when there is none, and say so in
@@ -53,6 +53,9 @@ behind it:
   for, every call of a ``map``, and the ``--bg`` calls started by that same cell (a
   ``--bg`` call of an earlier cell keeps running; ``handle.cancel()`` stops it). A
   cancelled running call gets SIGINT in its worker; the pool and the kernel stay usable.
+  The cell then shows a few lines, not the kernel's traceback through this module and
+  ``concurrent.futures`` (ipyparallel's short form): which calls were cancelled, where
+  they ran, and the pool's state (:func:`cancel_on_interrupt`).
 - **Shutdown.** Pools close at interpreter exit (:mod:`dspool_jupyter.pool` registers it),
   so a kernel shutdown or restart stops them cleanly, and every pool process dies with
   its parent anyway, so no worker outlives its kernel.
@@ -92,13 +95,15 @@ from .errors import (
 from .journal import JournalNotFound, check_journal_name, list_journals, open_journal
 from .mapping import MapHandle, MapProgress, MapResult
 from .pool import CallFuture, Pool, current_pool
-from .widget import DEFAULT_INTERVAL, FailuresView, StatusView, render_text
+from .status import PoolView
+from .widget import DEFAULT_INTERVAL, FailuresView, StatusView, build_model, render_text
 
 __all__ = [
     "DEFAULT_BG_NAME",
     "BackgroundCall",
     "DspoolMagics",
     "MapResult",
+    "cancel_on_interrupt",
     "parse_cell_inputs",
     "parse_inputs",
     "parse_value",
@@ -130,7 +135,7 @@ SUBCOMMANDS = (
 )
 SYNTAX = {
     "start": "%dspool start [--workers N] [--store PATH] [--preload mod1,mod2] [--timeout S]"
-    " [--dask ADDRESS] [--no-wait]",
+    " [--dask ADDRESS] [--no-wait] [--replace]",
     "program": "%%dspool program NAME [--session S] [--entry FUNC], source in the cell",
     "signature": "%%dspool signature NAME [--module Predict|ChainOfThought] [--session S],"
     " the signature in the cell",
@@ -345,6 +350,85 @@ def _one_line(exc: BaseException) -> BaseException:
     line = f"{type(exc).__name__}: {exc}"
     exc.__dict__["_render_traceback_"] = lambda: [line]
     return exc
+
+
+def _worker_list(ids: Iterable[str]) -> str:
+    ordered = sorted(set(ids), key=lambda i: (len(i), i))
+    return ", ".join(ordered)
+
+
+def _pool_line(pool: PoolView | None) -> str:
+    if pool is None:
+        return ""
+    try:
+        status = pool.status()
+    except Exception:
+        return ""
+    if status.state == "closed":
+        return "The pool is closed."
+    return (
+        f"The pool carries on: {status.state}, {status.ready_count}/{status.target} workers "
+        f"ready, {status.running} in flight, {status.queued} queued."
+    )
+
+
+def cancel_on_interrupt(
+    program: str,
+    futures: Iterable[concurrent.futures.Future[Any]],
+    pool: PoolView | None,
+) -> KeyboardInterrupt:
+    """Cancel ``futures`` after the stop button and say so in a few lines.
+
+    Returns the ``KeyboardInterrupt`` to raise (``raise ... from None``): IPython shows its
+    lines instead of a traceback through the magics and ``concurrent.futures``. They name
+    the calls that were cancelled while running (and on which worker), those cancelled
+    before they started, those that had already ended, and the pool's state afterwards.
+    ``run`` and ``map`` both use it.
+    """
+    running: list[str] = []
+    queued = ended = 0
+    for future in futures:
+        if future.done():
+            ended += 1
+            continue
+        worker = getattr(future, "worker_id", None)
+        if future.cancel() or not future.done():
+            if isinstance(worker, str):
+                running.append(worker)
+            else:
+                queued += 1
+        else:
+            ended += 1
+    cancelled = len(running) + queued
+    if cancelled == 1 and running:
+        first = f"cancelled the call of {program!r} on worker {running[0]} while it ran"
+    elif cancelled == 1:
+        first = f"cancelled the call of {program!r} before it started (it was queued)"
+    else:
+        parts = []
+        if running:
+            parts.append(f"{len(running)} running on {_worker_list(running)}")
+        if queued:
+            parts.append(f"{queued} queued")
+        what = f" ({', '.join(parts)})" if parts else ""
+        first = f"cancelled {cancelled} call{'s' if cancelled != 1 else ''} of {program!r}{what}"
+        if ended:
+            first += f"; {ended} had already ended"
+    lines = [f"KeyboardInterrupt: {first}"]
+    if running:
+        lines.append(
+            "The interrupted worker"
+            + ("s get" if len(set(running)) > 1 else " gets")
+            + " SIGINT and serve"
+            + ("" if len(set(running)) > 1 else "s")
+            + " the next call."
+        )
+    pool_line = _pool_line(pool)
+    if pool_line:
+        lines.append(pool_line)
+    interrupt = KeyboardInterrupt(first)
+    interrupt.__dict__["_render_traceback_"] = lambda: list(lines)
+    return interrupt
 
 
 def _display(obj: object, **kwargs: Any) -> Any:
@@ -585,13 +669,12 @@ class DspoolMagics(Magics):
         except ProgramNotFound as exc:
             raise UsageError(f"{exc}; define it with %%dspool program {name}") from None
 
-    def _wait(self, future: CallFuture) -> Any:
+    def _wait(self, future: CallFuture, pool: Pool) -> Any:
         """Wait for one call like a normal cell: interruptible, errors shown natively."""
         try:
             concurrent.futures.wait([future])
         except KeyboardInterrupt:
-            future.cancel()
-            raise
+            raise cancel_on_interrupt(future.program, [future], pool) from None
         echo_output(future)
         try:
             return future.result()
@@ -630,14 +713,18 @@ class DspoolMagics(Magics):
             help="run on the Dask cluster at ADDRESS (tcp://host:8786); 'local': a LocalCluster",
         ),
         _arg("--no-wait", action="store_true", help="return before the workers are ready"),
+        _arg("--replace", action="store_true", help="stop the running pool and start this one"),
     )
     def handle_start(self, args: argparse.Namespace, cell: str | None) -> None:
-        """Start the kernel's pool (closing the one %dspool start made before) and show it.
+        """Start the kernel's pool and show it.
 
-        Waits until every worker is ready (the status widget shows the progress) unless
-        --no-wait; calls made before then queue. --dask ADDRESS runs the same pool on the
-        workers of a Dask cluster (the dask extra; --workers is then how many to wait for,
-        by default all of them); programs still live in this kernel's store.
+        While a pool is running it says so and changes nothing: --replace stops that
+        pool first (its pending calls fail with PoolClosed), %dspool stop just stops it.
+        Waits until every worker is ready (the status widget shows the progress, and
+        what a --preload import is doing) unless --no-wait; calls made before then queue.
+        --dask ADDRESS runs the same pool on the workers of a Dask cluster (the dask
+        extra; --workers is then how many to wait for, by default all of them); programs
+        still live in this kernel's store.
 
         Example: %dspool start --workers 4 --preload numpy,dspy --timeout 120
         Example: %dspool start --dask tcp://scheduler:8786
@@ -651,10 +738,17 @@ class DspoolMagics(Magics):
             options["store"] = Path(args.store).expanduser()
         if args.preload:
             options["preload"] = [m.strip() for m in args.preload.split(",") if m.strip()]
-        previous = _state.started
-        if previous is not None and not previous.closed:
+        previous = current_pool()
+        if previous is not None and not args.replace:
+            status = previous.status()
+            raise UsageError(
+                f"a pool is running ({status.state}, {status.ready_count}/{status.target} "
+                "workers ready); %dspool start --replace stops it and starts the new one, "
+                "%dspool stop just stops it"
+            )
+        if previous is not None:
             previous.close()
-            sys.stdout.write("dspool: stopped the previous pool\n")
+            sys.stdout.write("dspool: stopped the running pool\n")
         pool = self._start_pool(options)
         self._status_view(pool).show()
         if args.no_wait:
@@ -760,7 +854,7 @@ class DspoolMagics(Magics):
         future = pool.submit(
             args.name, *call_args, session=args.session, timeout=args.timeout, **kwargs
         )
-        value = self._wait(future)
+        value = self._wait(future, pool)
         if args.out is not None:
             self.user_ns[args.out] = value
             return None
@@ -936,17 +1030,27 @@ class DspoolMagics(Magics):
         _arg("--text", action="store_true", help="print a text table instead"),
     )
     def handle_status(self, args: argparse.Namespace, cell: str | None) -> None:
-        """Show the live status of the pool: workers, their state, recent failed calls."""
+        """Show the pool as it is now, then live: workers, their state, recent failed calls.
+
+        The words: calls (every call that ended) = done + failed + cancelled; in flight
+        (running now) out of the ready workers' slots; queued (waiting for a slot).
+        --text prints the table once, as of this moment.
+        """
         pool = current_pool()
         if pool is None:
             sys.stdout.write("dspool: no pool is running (%dspool start starts one)\n")
             return
+        if args.text:
+            view = _state.view
+            if view is not None and view.pool is pool:
+                model = view.refresh()
+            else:
+                model = build_model(pool.status())
+            sys.stdout.write(render_text(model) + "\n")
+            return
         view = self._status_view(pool)
         if args.interval is not None:
             view.interval = args.interval
-        if args.text:
-            sys.stdout.write(render_text(view.refresh()) + "\n")
-            return
         view.show()
 
     @_subcommand("dspool programs", _session)
@@ -1116,7 +1220,7 @@ def _size(size: int) -> str:
 _OVERVIEW = """Run programs on the kernel's pool of worker processes.
 
     %dspool start [--workers N] [--store PATH] [--preload mod1,mod2] [--timeout S]
-                  [--dask ADDRESS]
+                  [--dask ADDRESS] [--replace]
     %%dspool program NAME [--session S] [--entry FUNC]     (cell: Python source)
     %%dspool signature NAME [--module Predict|ChainOfThought] [--session S]
     %dspool run NAME [key=value ...] [--session S] [--timeout S] [--bg] [--out VAR]

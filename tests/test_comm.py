@@ -6,13 +6,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
 from dspool_jupyter import comm as dcomm
 from dspool_jupyter.events import CallFinished, Event, EventBus, WorkerDied
+from dspool_jupyter.status import Departures, FailedCall, PoolStatus, WorkerStatus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,12 +60,27 @@ class FakeComm:
                 return out
 
 
-@dataclass
-class FakeStatus:
-    data: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.data)
+def pool_status(calls: int, workers: tuple[str, ...] = ("w1", "w2")) -> PoolStatus:
+    """A hand-built healthy snapshot: ``calls`` calls done on ``workers``."""
+    return PoolStatus(
+        state="healthy",
+        target=len(workers),
+        ready_count=len(workers),
+        workers=tuple(
+            WorkerStatus(w, 4000 + i, "idle", 0, 0, None, None, 0.0, None)
+            for i, w in enumerate(workers)
+        ),
+        queued=0,
+        running=0,
+        calls=calls,
+        failed=0,
+        replaced=0,
+        started_at=0.0,
+        startup_seconds=None,
+        last_error=None,
+        recent_failures=(),
+        done=calls,
+    )
 
 
 @dataclass
@@ -73,9 +89,12 @@ class FakePool:
     calls: int = 0
     restarted: list[str] = field(default_factory=list)
     fail_restart: bool = False
+    workers: tuple[str, ...] = ("w1", "w2")
+    closed: bool = False
+    target: int = 2
 
-    def status(self) -> FakeStatus:
-        return FakeStatus({"state": "healthy", "calls": self.calls, "recent_failures": []})
+    def status(self) -> PoolStatus:
+        return pool_status(self.calls, self.workers)
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         return self.bus.subscribe(callback)
@@ -261,13 +280,33 @@ def test_lease_expires_without_hellos() -> None:
 
 def test_long_tracebacks_are_trimmed() -> None:
     class Pool(FakePool):
-        def status(self) -> FakeStatus:
+        def status(self) -> PoolStatus:
             tb = "x" * (dcomm.MAX_TRACEBACK_CHARS * 2)
-            return FakeStatus({"state": "degraded", "recent_failures": [{"traceback": tb}]})
+            failure = FailedCall(1, "p", "w1", "ProgramError", "m", tb, 0.0)
+            return replace(pool_status(0), state="degraded", recent_failures=(failure,))
 
-    snap = dcomm._snapshot(Pool())
+    snap = dcomm._snapshot(Pool(), Departures())
     assert snap is not None
-    assert len(snap["recent_failures"][0]["traceback"]) <= dcomm.MAX_TRACEBACK_CHARS + 4
+    assert len(snap[0]["recent_failures"][0]["traceback"]) <= dcomm.MAX_TRACEBACK_CHARS + 4
+
+
+def test_departed_workers_are_sent_like_the_widget_shows_them(
+    setup: tuple[dcomm.StatusPublisher, Registry, FakePool],
+) -> None:
+    pub, _reg, pool = setup
+    c = FakeComm()
+    pub.add_comm(c, live=True)
+    assert c.next()["departed"] == []
+    pool.workers = ("w1", "w3")
+    pool.bus.emit(
+        WorkerDied(worker_id="w2", pid=4001, reason="crashed", returncode=-9, program="p")
+    )
+    msg = c.next()
+    while msg["departed"] == []:
+        msg = c.next()
+    (gone,) = msg["departed"]
+    assert (gone["id"], gone["state"], gone["note"]) == ("w2", "dead", "killed by SIGKILL")
+    assert 0 <= gone["age"] < 5
 
 
 def test_register_outside_kernel_does_nothing() -> None:

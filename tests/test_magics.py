@@ -375,7 +375,7 @@ def test_restart_stop_and_autostart(k: Kernel) -> None:
     autostarted = k.run("%dspool run square x=2")
     assert autostarted.result == "4"
     assert autostarted.stream().startswith("dspool: no pool was running, started one")
-    k.run("%dspool start --workers 2")  # leave the module's pool as it was
+    k.run("%dspool start --workers 2 --replace")  # leave the module's pool as it was
 
 
 # ------------------------------------------------------------- kernels of their own

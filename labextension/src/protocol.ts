@@ -12,10 +12,16 @@ export const PROTOCOL_VERSION = 1;
 export interface IWorkerStatus {
   id: string;
   pid: number | null;
-  /** 'starting', 'idle' or 'busy'. */
+  /** 'starting', 'idle', 'busy' or 'stopping'. */
   state: string;
+  /** Every call that ended on this worker; `errors` of them in an error. */
   calls: number;
   errors: number;
+  done?: number;
+  cancelled?: number;
+  /** Calls running on it now, out of `slots`. */
+  active?: number;
+  slots?: number;
   rss_bytes: number | null;
   /** Kernel wall clock, seconds since the epoch. */
   last_heartbeat: number | null;
@@ -32,6 +38,13 @@ export interface IFailedCall {
   message: string;
   traceback: string;
   time: number;
+  /** What went wrong, without the program and worker (e.g. `ValueError: x`). */
+  detail?: string;
+  exit_code?: number | null;
+  /** Signal name, e.g. `SIGKILL`. */
+  signal?: string | null;
+  /** Seconds. */
+  timeout?: number | null;
 }
 
 /** The pool at one moment (dspool_jupyter.status.PoolStatus.to_dict()). */
@@ -42,15 +55,40 @@ export interface IPoolStatus {
   ready_count: number;
   ready: boolean;
   workers: IWorkerStatus[];
+  /** Calls waiting for a slot. */
   queued: number;
+  /** Calls in flight (running on a worker now), out of `slots`. */
   running: number;
+  /** Every call that ended = done + failed + cancelled. */
   calls: number;
   failed: number;
+  done?: number;
+  cancelled?: number;
+  slots?: number;
   replaced: number;
   started_at: number;
   startup_seconds: number | null;
   last_error: string | null;
   recent_failures: IFailedCall[];
+  /** Modules the template imports before any worker forks. */
+  preload?: string[];
+  preload_started_at?: number | null;
+  /** Null while the import runs. */
+  preload_seconds?: number | null;
+}
+
+/** A worker that left the pool recently (kept as long as the status widget keeps it). */
+export interface IDepartedWorker {
+  id: string;
+  pid: number | null;
+  /** 'dead' (crashed or killed) or 'stopped' (restarted, pool closed). */
+  state: string;
+  /** How it left, e.g. 'killed by SIGKILL'. */
+  note: string;
+  calls: number;
+  errors: number;
+  /** Seconds since it left. */
+  age: number;
 }
 
 /** An urgent event folded into a snapshot. */
@@ -69,6 +107,7 @@ export interface IStatusMessage {
   time: number;
   status: IPoolStatus | null;
   events: IEventBrief[];
+  departed?: IDepartedWorker[];
 }
 
 /** Kernel to frontend: the outcome of a command. */
