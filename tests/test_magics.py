@@ -258,6 +258,68 @@ def test_interrupt_cancels_the_call_and_the_pool_stays_usable(k: Kernel, tmp_pat
     assert k.run("%dspool run square x=6").result == "36"
 
 
+def test_stop_button_on_run_says_what_was_cancelled_in_a_few_lines(
+    k: Kernel, tmp_path: Path
+) -> None:
+    workers = {pid: w for w, pid in _workers(k)}
+    marker = tmp_path / "started"
+    running = k.submit(f"%dspool run sleepy s=60 marker='{marker}'")
+    wait_for(lambda: marker.exists() and marker.read_text() != "", timeout=10)
+    worker = workers[int(marker.read_text())]
+    k.km.interrupt_kernel()
+    k.wait(running, timeout=15)
+    ename, evalue, traceback = running.error
+    assert ename == "KeyboardInterrupt"
+    assert traceback[0] == (
+        f"KeyboardInterrupt: cancelled the call of 'sleepy' on worker {worker} while it ran"
+    )
+    assert traceback[1] == "The interrupted worker gets SIGINT and serves the next call."
+    assert traceback[2].startswith("The pool carries on: healthy, 2/2 workers ready, ")
+    assert len(traceback) == 3
+    text = "\n".join(traceback)
+    for frame in ("magics.py", "concurrent", "threading", "Traceback"):
+        assert frame not in text
+    assert k.run("%dspool run square x=4").result == "16"  # and the pool is fine
+
+
+def test_start_on_a_live_pool_says_so_and_replace_replaces(k: Kernel) -> None:
+    pids = _pids(k)
+    again = k.run("%dspool start --workers 2", ok=False)
+    ename, evalue, traceback = again.error
+    assert ename == "UsageError"
+    assert evalue.startswith("a pool is running (healthy, 2/2 workers ready)")
+    assert "%dspool start --replace" in evalue and "%dspool stop" in evalue
+    assert sorted(_pids(k)) == sorted(pids)  # nothing changed
+    replaced = k.run("%dspool start --workers 2 --replace")
+    assert replaced.stream().startswith("dspool: stopped the running pool\n")
+    assert not set(_pids(k)) & set(pids)
+    assert k.run("%dspool run square x=2").result == "4"
+
+
+def test_status_text_is_the_state_when_it_runs(k: Kernel) -> None:
+    k.run("%dspool status")  # a live view exists from an earlier cell
+    k.run("items = list(range(20))\n%dspool map square --over items --out res")
+    text = k.run("%dspool status --text").stream()
+    calls = _pool_value(k, "calls")
+    done, failed, cancelled = (_pool_value(k, name) for name in ("done", "failed", "cancelled"))
+    headline = text.splitlines()[0]
+    assert headline.startswith("dspool pool: healthy, 2/2 workers ready, 0/2 slots in flight")
+    assert f"{calls} calls: {done} done, {failed} failed, {cancelled} cancelled" in headline, (
+        headline
+    )
+    assert "starting" not in text
+
+
+def _workers(k: Kernel) -> list[tuple[str, int]]:
+    return [
+        (w, pid)
+        for w, pid in k.value(
+            "[(w.id, w.pid) for w in "
+            "__import__('dspool_jupyter').pool.current_pool().status().workers]"
+        )
+    ]
+
+
 def test_sigkilled_worker_shows_in_the_widget_and_the_pool_heals(k: Kernel) -> None:
     shown = k.run("%dspool status")
     bundle = shown.displays[-1]["data"]
