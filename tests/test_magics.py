@@ -6,6 +6,7 @@ shutdown and notebook tests start their own. No pool process may outlive its ker
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import signal
@@ -17,7 +18,13 @@ from typing import Any
 import pytest
 from IPython.core.error import UsageError
 
-from dspool_jupyter.magics import parse_cell_inputs, parse_inputs, parse_value, split_line
+from dspool_jupyter.magics import (
+    cancel_on_interrupt,
+    parse_cell_inputs,
+    parse_inputs,
+    parse_value,
+    split_line,
+)
 from tests.conftest import assert_no_leftovers, wait_for
 from tests.kernel_helpers import TRACK_POOLS, Kernel, running_kernel
 
@@ -90,6 +97,25 @@ def test_cell_inputs() -> None:
         parse_cell_inputs("just text")
     with pytest.raises(UsageError, match="JSON"):
         parse_cell_inputs("{not json")
+
+
+def test_cancel_on_interrupt_says_what_it_cancelled_where() -> None:
+    futures: list[concurrent.futures.Future[Any]] = [concurrent.futures.Future() for _ in range(4)]
+    futures[0].set_result(1)  # ended before the stop button
+    futures[1].worker_id = "w2"  # type: ignore[attr-defined]
+    futures[2].worker_id = "w1"  # type: ignore[attr-defined]
+    interrupt = cancel_on_interrupt("nap", futures, None)
+    assert isinstance(interrupt, KeyboardInterrupt)
+    assert all(f.cancelled() for f in futures[1:])
+    assert interrupt._render_traceback_() == [  # type: ignore[attr-defined]
+        "KeyboardInterrupt: cancelled 3 calls of 'nap' (2 running on w1, w2, 1 queued); "
+        "1 had already ended",
+        "The interrupted workers get SIGINT and serve the next call.",
+    ]
+    queued: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    assert cancel_on_interrupt("nap", [queued], None)._render_traceback_() == [  # type: ignore[attr-defined]
+        "KeyboardInterrupt: cancelled the call of 'nap' before it started (it was queued)"
+    ]
 
 
 # --------------------------------------------------------------------- the kernel
