@@ -316,7 +316,7 @@ class StatusPublisher:
                 comms = [self._comms[c] for c in self._live if c in self._comms]
                 self._seq += 1
                 seq = self._seq
-            status = _snapshot(pool, departures)
+            status = _snapshot_and_departed(pool, departures)
             message = {
                 "type": "status",
                 "protocol": PROTOCOL_VERSION,
@@ -383,7 +383,13 @@ class StatusPublisher:
             log.exception("dspool comm: sending a command result failed")
 
 
-def _snapshot(
+def _snapshot(pool: PoolView | None) -> dict[str, Any] | None:
+    """The pool's snapshot as JSON (None without a pool, or when it is closed)."""
+    parts = _snapshot_and_departed(pool, Departures())
+    return parts[0] if parts else None
+
+
+def _snapshot_and_departed(
     pool: PoolView | None, departures: Departures
 ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
     """The pool's snapshot as JSON and its recently departed workers; None without one."""

@@ -13,7 +13,7 @@ import pytest
 
 from dspool_jupyter import comm as dcomm
 from dspool_jupyter.events import CallFinished, Event, EventBus, WorkerDied
-from dspool_jupyter.status import Departures, FailedCall, PoolStatus, WorkerStatus
+from dspool_jupyter.status import FailedCall, PoolStatus, WorkerStatus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -285,9 +285,9 @@ def test_long_tracebacks_are_trimmed() -> None:
             failure = FailedCall(1, "p", "w1", "ProgramError", "m", tb, 0.0)
             return replace(pool_status(0), state="degraded", recent_failures=(failure,))
 
-    snap = dcomm._snapshot(Pool(), Departures())
+    snap = dcomm._snapshot(Pool())
     assert snap is not None
-    assert len(snap[0]["recent_failures"][0]["traceback"]) <= dcomm.MAX_TRACEBACK_CHARS + 4
+    assert len(snap["recent_failures"][0]["traceback"]) <= dcomm.MAX_TRACEBACK_CHARS + 4
 
 
 def test_departed_workers_are_sent_like_the_widget_shows_them(
