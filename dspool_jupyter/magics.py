@@ -670,9 +670,16 @@ class DspoolMagics(Magics):
             raise UsageError(f"{exc}; define it with %%dspool program {name}") from None
 
     def _wait(self, future: CallFuture, pool: Pool) -> Any:
-        """Wait for one call like a normal cell: interruptible, errors shown natively."""
+        """Wait for one call like a normal cell: interruptible, errors shown natively.
+
+        It waits in ``future.exception()`` (the future's own condition), not in
+        ``concurrent.futures.wait``: an interrupt landing inside ``wait`` can leave the
+        future's internal lock held, and the cancel that follows would then block.
+        """
         try:
-            concurrent.futures.wait([future])
+            future.exception()
+        except concurrent.futures.CancelledError:
+            pass  # future.result() below says so
         except KeyboardInterrupt:
             raise cancel_on_interrupt(future.program, [future], pool) from None
         echo_output(future)
