@@ -35,6 +35,10 @@ Kernel to frontend:
   :data:`~dspool_jupyter.status.DEPARTED_SECONDS` (``id``, ``pid``, ``state`` 'dead' or
   'stopped', ``note`` such as 'killed by SIGKILL', ``calls``, ``errors``, ``age`` in
   seconds), the same rows and for the same time as the status widget shows them.
+  ``status["limits"]`` is the provider limits' snapshot
+  (:meth:`dspool_jupyter.usage.LimitsSnapshot.as_dict`: ``models`` with their limits,
+  achieved rates, in-flight requests and 429s, ``budget``, ``usage`` totals and
+  breakdowns), or ``null`` for a pool without limits.
   Snapshots are throttled: at most one every :data:`MIN_INTERVAL` seconds, coalescing
   everything that happened in between; a worker's death, a failed call, the pool
   becoming ready or closing (:data:`URGENT_EVENTS`) are sent at once (at most one every
@@ -68,7 +72,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .status import Departures, PoolView
+from .status import Departures, PoolView, limits_of
 from .throttle import URGENT_EVENTS, Throttle
 
 if TYPE_CHECKING:
@@ -405,6 +409,8 @@ def _snapshot_and_departed(
     now = time.monotonic()
     departed = [d.to_dict(now) for d in departures.update(status, now)]
     data: dict[str, Any] = status.to_dict()
+    limits = limits_of(pool)
+    data["limits"] = limits.as_dict() if limits is not None else None
     failures = data.get("recent_failures")
     if isinstance(failures, (list, tuple)):
         data["recent_failures"] = [_trim_failure(f) for f in failures]

@@ -14,10 +14,11 @@ import signal as _signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 if TYPE_CHECKING:
     from .events import Event
+    from .usage import LimitsSnapshot
 
 __all__ = [
     "DEPARTED_SECONDS",
@@ -30,6 +31,7 @@ __all__ = [
     "WorkerState",
     "WorkerStatus",
     "dead_recently",
+    "limits_of",
 ]
 
 # The snapshot fields stay ``str`` until the dispatcher builds them from these types
@@ -206,6 +208,22 @@ class PoolView(Protocol):
     def restart_worker(self, worker_id: str) -> None: ...
 
     def restart(self) -> None: ...
+
+
+def limits_of(pool: object) -> LimitsSnapshot | None:
+    """The provider limits' snapshot of ``pool`` (``pool.limits.snapshot()``), or None.
+
+    A view of any :class:`PoolView` may show it: a pool without ``limits`` (or whose
+    broker fails to answer) has none.
+    """
+    snapshot = getattr(getattr(pool, "limits", None), "snapshot", None)
+    if snapshot is None:
+        return None
+    try:
+        result = snapshot()
+    except Exception:
+        return None
+    return cast("LimitsSnapshot", result)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ pure functions :func:`render_html` / :func:`render_text` and the widgets only re
   ``in flight`` calls running now out of the ``slots`` the ready workers have;
   ``queued`` calls waiting for a slot; while the template imports the preloads, what it
   imports and for how long so far;
+- the provider limits when the pool has any (:mod:`dspool_jupyter.limits`): per model
+  the achieved requests/min and tokens/min against its limit, in flight and 429s seen;
+  the LM usage so far (requests, tokens, cost) and the budget's spend;
 - one row per worker: id, pid, state as colour, slots in use (``3/16``), calls, errors,
   memory, heartbeat age and the program it runs, with a button that restarts it; a
   worker that left stays listed for :data:`DEAD_ROW_SECONDS` with how it left (red
@@ -62,11 +65,13 @@ from .status import (
     FailedCall,
     PoolStatus,
     PoolView,
+    limits_of,
 )
 from .throttle import URGENT_EVENTS, Throttle
 
 if TYPE_CHECKING:
     from .events import Event
+    from .usage import LimitsSnapshot
 
 __all__ = [
     "DEAD_ROW_SECONDS",
@@ -85,6 +90,7 @@ __all__ = [
     "render_failures_html",
     "render_failures_text",
     "render_html",
+    "render_limits_html",
     "render_text",
     "starting_text",
     "summary_text",
@@ -169,6 +175,7 @@ class ViewModel:
     slots: int = 0
     starting: str = ""  # what the start-up is doing, when it says more than the count
     died_recently: int = 0  # workers that died within DEAD_ROW_SECONDS
+    limits: tuple[str, ...] = ()  # LimitsSnapshot.lines(): limits, usage, budget
 
 
 def starting_text(status: PoolStatus, now: float | None = None) -> str:
@@ -181,9 +188,13 @@ def starting_text(status: PoolStatus, now: float | None = None) -> str:
 
 
 def build_model(
-    status: PoolStatus, departed: Iterable[Departed] = (), now: float | None = None
+    status: PoolStatus,
+    departed: Iterable[Departed] = (),
+    now: float | None = None,
+    limits: LimitsSnapshot | None = None,
 ) -> ViewModel:
-    """Turn a snapshot (and the recently departed workers) into what the view shows."""
+    """Turn a snapshot (the recently departed workers, the provider limits' snapshot)
+    into what the view shows."""
     now = time.time() if now is None else now
     rows = [
         WorkerRow(
@@ -239,6 +250,7 @@ def build_model(
         slots=slots,
         starting=starting_text(status, now),
         died_recently=died,
+        limits=tuple(limits.lines()) if limits is not None else (),
     )
 
 
@@ -320,6 +332,7 @@ def render_text(model: ViewModel | None) -> str:
     lines = [f"dspool pool: {_headline(model)}"]
     if model.last_error:
         lines.append(f"last error: {model.last_error}")
+    lines.extend(model.limits)
     table = [[title for title, _ in COLUMNS], *(_cells(r) for r in model.rows)]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     for row in table:
@@ -372,6 +385,14 @@ def _row_html(row: WorkerRow) -> str:
 def _head_html() -> str:
     titles = "".join(title.ljust(width) for title, width in COLUMNS)
     return f'<div style="{_ROW_STYLE};font-weight:bold">{html.escape(titles)}</div>'
+
+
+def render_limits_html(lines: tuple[str, ...]) -> str:
+    """The provider limits, usage and budget lines ('' when there are none)."""
+    if not lines:
+        return ""
+    items = "".join(f"<div>{html.escape(line)}</div>" for line in lines)
+    return f'<div class="dspool-limits" style="font-family:monospace">{items}</div>'
 
 
 def _headline_html(model: ViewModel) -> str:
@@ -441,6 +462,7 @@ def render_html(model: ViewModel | None) -> str:
         f'<div><progress value="{model.ready_count}" max="{model.target}" '
         f'style="width:20em;accent-color:{colour}"></progress> '
         f"{model.ready_count}/{model.target} ready ({percent} %)</div>"
+        f"{render_limits_html(model.limits)}"
         f"{_head_html()}{rows}{render_failures_html(model.failures)}</div>"
     )
 
@@ -664,7 +686,7 @@ class StatusView:
 
     def _snapshot(self) -> ViewModel:
         status = self.pool.status()
-        return build_model(status, self._departures.update(status))
+        return build_model(status, self._departures.update(status), limits=limits_of(self.pool))
 
     # -- widgets (built lazily, only touched under the render lock or when building)
     def _build(self) -> Any:
@@ -676,6 +698,7 @@ class StatusView:
             parts["headline"] = w.HTML()
             parts["progress"] = w.IntProgress(min=0, max=max(self.pool.target, 1))
             parts["progress_label"] = w.Label()
+            parts["limits"] = w.HTML()
             parts["head"] = w.HBox(
                 [w.Box(layout=w.Layout(width=_BUTTON_WIDTH, flex="0 0 auto")), w.HTML(_head_html())]
             )
@@ -703,6 +726,7 @@ class StatusView:
                 [
                     parts["headline"],
                     w.HBox([parts["progress"], parts["progress_label"]]),
+                    parts["limits"],
                     parts["head"],
                     parts["rows"],
                     parts["failures"],
@@ -725,6 +749,9 @@ class StatusView:
             progress.style.bar_color = STATE_COLOURS.get(model.state, "#757575")
         label = f"{model.ready_count}/{model.target}"
         parts["progress_label"].value = f"{label} · {model.starting}" if model.starting else label
+        limits = render_limits_html(model.limits)
+        if parts["limits"].value != limits:
+            parts["limits"].value = limits
         ids = []
         for row in model.rows:
             ids.append(row.id)

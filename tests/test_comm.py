@@ -396,6 +396,29 @@ def test_kernel_comm_end_to_end(kernel: KernelFrontend) -> None:
     k.execute("from dspool_jupyter import Pool\npool = Pool(workers=2)")
     status = k.wait_status(lambda s: s is not None and s["ready_count"] == 2)
     assert status["state"] == "healthy" and status["target"] == 2
+    assert status["limits"]["models"] == [] and status["limits"]["budget"]["max_cost"] is None
+
+    # the panel's snapshot carries the provider limits, the usage and the budget
+    k.statuses.clear()
+    k.execute(
+        "pool.set_rate_limit('openai/gpt-4o-mini', rpm=60, plain=True)\n"
+        "pool.set_budget(max_tokens=1000)\n"
+        "pool.define('ask', 'from dspool_jupyter.llm import permit\\ndef ask():\\n"
+        '    with permit("openai/gpt-4o-mini") as p:\\n        p.record(12, 5)\\n\')\n'
+        "pool.run('ask')"
+    )
+    status = k.wait_status(
+        lambda s: s is not None and s["limits"]["usage"]["total"]["requests"] == 1
+    )
+    (model,) = status["limits"]["models"]
+    assert (model["model"], model["rpm"], model["achieved_rpm"]) == ("openai/gpt-4o-mini", 60, 1)
+    assert status["limits"]["budget"] == {
+        "max_cost": None,
+        "max_tokens": 1000,
+        "spent_cost": status["limits"]["budget"]["spent_cost"],
+        "spent_tokens": 17,
+        "exhausted": False,
+    }
 
     k.statuses.clear()
     k.execute(

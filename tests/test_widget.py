@@ -17,6 +17,7 @@ from dspool_jupyter import Pool, widget
 from dspool_jupyter.errors import CallTimeout, ProgramError, WorkerCrashed
 from dspool_jupyter.events import CallFinished, Event, EventBus, WorkerDied
 from dspool_jupyter.status import Departures, FailedCall, PoolStatus, WorkerStatus
+from dspool_jupyter.usage import cost_text, price_of
 from dspool_jupyter.widget import (
     StatusView,
     build_model,
@@ -382,3 +383,37 @@ def test_view_stops_following_a_closed_pool(make_pool: Callable[..., Pool]) -> N
     wait_for(lambda: not view.following, timeout=5)
     assert view.model is not None and view.model.state == "closed"
     assert all(r.state == "stopped" for r in view.model.rows)
+
+
+PERMIT = (
+    "from dspool_jupyter.llm import permit\n"
+    "def ask(q):\n"
+    "    with permit('openai/gpt-4o-mini', tokens=10) as p:\n"
+    "        p.record(12, 5)\n"
+    "    return q\n"
+)
+
+
+def test_widget_shows_limits_usage_and_budget(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool(1)
+    pool.wait_ready(30)
+    view = StatusView(pool, widgets=True)
+    try:
+        view._repr_mimebundle_()
+        assert view.model is not None and view.model.limits == ()  # nothing set, nothing shown
+        assert view._parts["limits"].value == ""
+        pool.set_rate_limit("openai/gpt-4o-mini", rpm=60, tpm=10_000, plain=True)
+        pool.set_budget(max_cost=5)
+        pool.define("ask", PERMIT)
+        assert pool.run("ask", 1) == 1
+        cost = cost_text(price_of("openai/gpt-4o-mini", 12, 5))  # LiteLLM's price map
+        want = (
+            "openai/gpt-4o-mini: 1/60 rpm, 17/10,000 tpm, 0 in flight, 0 429s",
+            f"LM usage: 1 requests, 17 tokens (12 prompt), {cost}, 0 429s",
+            f"budget: {cost} of $5.00 spent",
+        )
+        wait_for(lambda: view.model is not None and view.model.limits == want, timeout=5)
+        assert "openai/gpt-4o-mini: 1/60 rpm" in view._parts["limits"].value
+        assert "\n".join(want) in render_text(view.model)
+    finally:
+        view.close()
