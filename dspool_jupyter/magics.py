@@ -70,6 +70,7 @@ import concurrent.futures
 import html
 import json
 import logging
+import math
 import queue
 import re
 import sys
@@ -93,9 +94,11 @@ from .errors import (
     UnpicklableArguments,
 )
 from .journal import JournalNotFound, check_journal_name, list_journals, open_journal
+from .limits import check_model
 from .mapping import MapHandle, MapProgress, MapResult
 from .pool import CallFuture, Pool, current_pool
-from .status import PoolView
+from .status import PoolView, limits_of
+from .usage import budget_text, cost_text, model_line
 from .widget import DEFAULT_INTERVAL, FailuresView, StatusView, build_model, render_text
 
 __all__ = [
@@ -132,10 +135,12 @@ SUBCOMMANDS = (
     "restart",
     "stop",
     "journals",
+    "limit",
+    "usage",
 )
 SYNTAX = {
-    "start": "%dspool start [--workers N] [--store PATH] [--preload mod1,mod2] [--timeout S]"
-    " [--dask ADDRESS] [--no-wait] [--replace]",
+    "start": "%dspool start [--workers N] [--concurrency K] [--store PATH] [--preload mod1,mod2]"
+    " [--timeout S] [--dask ADDRESS] [--no-wait] [--replace]",
     "program": "%%dspool program NAME [--session S] [--entry FUNC], source in the cell",
     "signature": "%%dspool signature NAME [--module Predict|ChainOfThought] [--session S],"
     " the signature in the cell",
@@ -149,7 +154,12 @@ SYNTAX = {
     "restart": "%dspool restart [WORKER]",
     "stop": "dspool stop",
     "journals": "%dspool journals [--delete J]",
+    "limit": "%dspool limit [MODEL rpm=N tpm=N [--plain] | MODEL --off"
+    " | --budget max_cost=D max_tokens=N | --budget --off]",
+    "usage": "%dspool usage [--out VAR]",
 }
+LIMIT_KEYS = ("rpm", "tpm")  # %dspool limit MODEL key=value
+BUDGET_KEYS = ("max_cost", "max_tokens")  # %dspool limit --budget key=value
 _KEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -710,6 +720,12 @@ class DspoolMagics(Magics):
     @_subcommand(
         "dspool start",
         _arg("--workers", metavar="N", type=_count, help="worker processes (default: CPUs)"),
+        _arg(
+            "--concurrency",
+            metavar="K",
+            type=_count,
+            help="calls each worker runs at once (default 1)",
+        ),
         _arg("--store", metavar="PATH", type=_text, help="program store directory"),
         _arg("--preload", metavar="MODS", type=_text, help="modules to import once, a,b"),
         _arg("--timeout", metavar="S", type=_positive, help="default per-call timeout (seconds)"),
@@ -733,10 +749,16 @@ class DspoolMagics(Magics):
         extra; --workers is then how many to wait for, by default all of them); programs
         still live in this kernel's store.
 
+        --concurrency K lets each worker run K calls at once (threads, or its event loop
+        for async def programs): for programs that mostly wait on an LM or the network.
+
         Example: %dspool start --workers 4 --preload numpy,dspy --timeout 120
+        Example: %dspool start --workers 2 --concurrency 16 --preload dspy
         Example: %dspool start --dask tcp://scheduler:8786
         """
         options: dict[str, Any] = {"workers": args.workers, "call_timeout": args.timeout}
+        if args.concurrency is not None:
+            options["concurrency"] = args.concurrency
         if args.dask:
             options["backend"] = "dask"
             if args.dask != "local":
@@ -1052,7 +1074,7 @@ class DspoolMagics(Magics):
             if view is not None and view.pool is pool:
                 model = view.refresh()
             else:
-                model = build_model(pool.status())
+                model = build_model(pool.status(), limits=limits_of(pool))
             sys.stdout.write(render_text(model) + "\n")
             return
         view = self._status_view(pool)
@@ -1123,6 +1145,136 @@ class DspoolMagics(Magics):
             return
         pool.close()
         sys.stdout.write("dspool: pool stopped\n")
+
+    @_subcommand(
+        "%dspool limit",
+        _arg("model", metavar="MODEL", nargs="?", type=_text, help="e.g. openai/gpt-4o-mini"),
+        _arg(
+            "settings",
+            nargs="*",
+            metavar="key=value",
+            help="rpm=N tpm=N, or for --budget max_cost=D max_tokens=N",
+        ),
+        _arg("--budget", action="store_true", help="set the pool's budget instead"),
+        _arg("--off", action="store_true", help="remove the limit (or the budget)"),
+        _arg(
+            "--plain",
+            action="store_true",
+            help="allow a limit on a pool with no LM (plain programs take permits)",
+        ),
+    )
+    def handle_limit(self, args: argparse.Namespace, cell: str | None) -> None:
+        """One rate limit per model for the whole pool, or the pool's budget.
+
+        Every LM request of every worker (each slot, each replacement) takes a permit from
+        the kernel, so adding workers never goes past the limit; a 429 pauses the model
+        for every worker and the request is retried. rpm is requests per minute, tpm
+        tokens per minute; give one or both. MODEL is a name LiteLLM knows, or
+        provider/model. The pool needs an LM (%dspool lm) unless --plain says the
+        programs take permits themselves (dspool_jupyter.llm.permit). --off removes the
+        model's limit. --budget sets what the pool may spend (max_cost in dollars,
+        max_tokens in tokens): once spent, further LM requests fail at once. Without
+        arguments it shows the limits, the achieved rates and the budget.
+
+        Example: %dspool limit openai/gpt-4o-mini rpm=500 tpm=200000
+        Example: %dspool limit --budget max_cost=5
+        """
+        pool = current_pool()
+        if pool is None:
+            raise UsageError(
+                "no pool is running: start one (and configure its LM with %dspool lm) first"
+            )
+        if args.budget:
+            if args.model is not None:
+                args.settings.insert(0, args.model)
+            self._set_budget(pool, args.settings, args.off)
+            return
+        if args.model is None:
+            if args.off or args.settings:
+                raise UsageError(f"%dspool limit needs MODEL; usage: {SYNTAX['limit']}")
+            sys.stdout.write(limits_text(pool) + "\n")
+            return
+        if _KEY_RE.match(args.model):
+            raise UsageError(
+                f"%dspool limit needs MODEL before {args.model!r}, e.g. "
+                f"%dspool limit openai/gpt-4o-mini {args.model}"
+            )
+        try:
+            check_model(args.model)
+        except ValueError as exc:
+            raise UsageError(f"%dspool limit: {exc}") from None
+        values = _settings(args.settings, LIMIT_KEYS, f"%dspool limit {args.model}")
+        if args.off and values:
+            raise UsageError("%dspool limit MODEL --off takes no rpm=/tpm=")
+        if not args.off and not values:
+            raise UsageError(
+                f"give rpm=N and/or tpm=N for {args.model!r} (or --off to remove its limit)"
+            )
+        try:
+            pool.set_rate_limit(
+                args.model,
+                rpm=values.get("rpm"),
+                tpm=values.get("tpm"),
+                plain=args.plain or args.off,  # removing a limit needs no LM
+            )
+        except (ValueError, DspoolError) as exc:
+            raise UsageError(f"cannot limit {args.model!r}: {exc}") from None
+        if args.off:
+            sys.stdout.write(f"dspool: no limit on {args.model!r}\n")
+            return
+        what = ", ".join(
+            f"{_number(values[key])} {unit}"
+            for key, unit in (("rpm", "requests/min"), ("tpm", "tokens/min"))
+            if key in values
+        )
+        sys.stdout.write(f"dspool: {args.model!r} limited to {what} across every worker\n")
+
+    def _set_budget(self, pool: Pool, settings: list[str], off: bool) -> None:
+        values = _settings(settings, BUDGET_KEYS, "%dspool limit --budget")
+        if off and values:
+            raise UsageError("%dspool limit --budget --off takes no max_cost=/max_tokens=")
+        if not off and not values:
+            raise UsageError("give max_cost=DOLLARS and/or max_tokens=N (or --off)")
+        try:
+            pool.set_budget(max_cost=values.get("max_cost"), max_tokens=values.get("max_tokens"))
+        except (ValueError, DspoolError) as exc:
+            raise UsageError(f"cannot set the budget: {exc}") from None
+        if off:
+            sys.stdout.write("dspool: no budget\n")
+            return
+        parts = []
+        if "max_cost" in values:
+            parts.append(cost_text(float(values["max_cost"])))
+        if "max_tokens" in values:
+            parts.append(f"{_number(values['max_tokens'])} tokens")
+        sys.stdout.write(
+            f"dspool: budget {' or '.join(parts)}; once spent, LM requests fail at once\n"
+        )
+
+    @_subcommand(
+        "dspool usage",
+        _arg("--out", metavar="VAR", type=_identifier, help="store the UsageReport in VAR"),
+    )
+    def handle_usage(self, args: argparse.Namespace, cell: str | None) -> None:
+        """Show the pool's LM requests, tokens, cost and 429s: the totals, then per model,
+        program and session (pool.usage()); the budget's spend when one is set.
+
+        Example: %dspool usage --out spent
+        """
+        pool = current_pool()
+        if pool is None:
+            sys.stdout.write("dspool: no pool is running\n")
+            return
+        report = pool.usage()
+        if args.out:
+            self.user_ns[args.out] = report
+        lines = [report.table()]
+        if not report.requests and not report.rate_limited:
+            lines.append("(no LM request yet)")
+        budget = budget_text(pool.limits.snapshot().budget)
+        if budget:
+            lines.append(budget)
+        sys.stdout.write("\n".join(lines) + "\n")
 
     @_subcommand(
         "dspool journals",
@@ -1201,6 +1353,44 @@ def _map_summary(result: MapResult, total: int, journal: str | None) -> str:
     if result.cancelled:
         lines.append(f"{len(result.cancelled)} of {total} calls were cancelled")
     return "".join(line + "\n" for line in lines)
+
+
+def _number(value: float) -> str:
+    return f"{value:,.10g}"
+
+
+def _settings(tokens: list[str], keys: tuple[str, ...], where: str) -> dict[str, Any]:
+    """``key=value`` tokens of ``limit``: each key one of ``keys``, each value a literal."""
+    values: dict[str, Any] = {}
+    allowed = " and ".join(f"{k}=N" for k in keys)
+    for token in tokens:
+        match = _KEY_RE.match(token)
+        if match is None:
+            raise UsageError(f"{where}: {token!r} is not key=value; it takes {allowed}")
+        key, text = match.groups()
+        if key not in keys:
+            raise UsageError(f"{where}: unknown setting {key!r}; it takes {allowed}")
+        if key in values:
+            raise UsageError(f"{where}: {key} is given twice")
+        value = parse_value(text)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{where}: {key} must be a positive number, got {text!r}")
+        if key == "max_tokens" and not isinstance(value, int):
+            raise UsageError(f"{where}: max_tokens must be a whole number, got {text!r}")
+        values[key] = value
+    return values
+
+
+def limits_text(pool: Pool) -> str:
+    """What ``%dspool limit`` without arguments shows: each model's limit and rates."""
+    snapshot = pool.limits.snapshot()
+    lines = [model_line(m) for m in snapshot.models]
+    if not lines:
+        lines.append("no rate limit set (%dspool limit MODEL rpm=N tpm=N sets one)")
+    budget = budget_text(snapshot.budget)
+    lines.append(budget or "no budget (%dspool limit --budget max_cost=D sets one)")
+    return "\n".join(lines)
 
 
 def _age(seconds: float) -> str:

@@ -195,6 +195,19 @@ def test_program_error_shows_the_worker_traceback_and_the_kernel_carries_on(k: K
         ("%dspool restart w999", "no worker 'w999'"),
         ("%%dspool status\nbody", "takes no cell body"),
         ("%dspool run square q='open", "not closed"),
+        ("%dspool start --concurrency 0", "'0' must be at least 1"),
+        ("%dspool limit nosuch rpm=5", "unknown model 'nosuch'"),
+        ("%dspool limit openai/gpt-4o-mini rpm=-5", "rpm must be a positive number, got '-5'"),
+        ("%dspool limit openai/gpt-4o-mini tpm=lots", "tpm must be a positive number"),
+        ("%dspool limit openai/gpt-4o-mini rps=5", "unknown setting 'rps'; it takes rpm=N"),
+        ("%dspool limit openai/gpt-4o-mini 60", "'60' is not key=value"),
+        ("%dspool limit openai/gpt-4o-mini", "give rpm=N and/or tpm=N"),
+        ("%dspool limit openai/gpt-4o-mini rpm=60", "this pool has no LM"),
+        ("%dspool limit rpm=60", "needs MODEL before 'rpm=60'"),
+        ("%dspool limit --budget max_cost=0", "max_cost must be a positive number"),
+        ("%dspool limit --budget max_tokens=2.5", "max_tokens must be a whole number"),
+        ("%dspool limit --budget cost=1", "unknown setting 'cost'"),
+        ("%dspool usage --out 1x", "not a Python variable name"),
     ],
 )
 def test_usage_errors_are_one_line(k: Kernel, line: str, says: str) -> None:
@@ -320,6 +333,60 @@ def test_start_on_a_live_pool_says_so_and_replace_replaces(k: Kernel) -> None:
     assert replaced.stream().startswith("dspool: stopped the running pool\n")
     assert not set(_pids(k)) & set(pids)
     assert k.run("%dspool run square x=2").result == "4"
+
+
+ASK = """
+%%dspool program ask
+from dspool_jupyter.llm import permit
+def ask():
+    with permit("openai/gpt-4o-mini", tokens=10) as p:
+        p.record(12, 5)
+    return "answered"
+"""
+
+
+def test_start_concurrency_limit_and_usage(k: Kernel) -> None:
+    k.run("%dspool start --workers 1 --concurrency 3 --replace")
+    try:
+        assert _pool_value(k, "slots") == 3
+        assert k.value(
+            "[w.slots for w in __import__('dspool_jupyter').pool.current_pool().status().workers]"
+        ) == [3]
+        assert k.run("%dspool limit openai/gpt-4o-mini rpm=60 tpm=10000 --plain").stream() == (
+            "dspool: 'openai/gpt-4o-mini' limited to 60 requests/min, 10,000 tokens/min "
+            "across every worker\n"
+        )
+        assert k.run("%dspool limit --budget max_tokens=1000").stream() == (
+            "dspool: budget 1,000 tokens; once spent, LM requests fail at once\n"
+        )
+        assert "(no LM request yet)" in k.run("%dspool usage").stream()
+        k.run(ASK.strip())
+        assert k.run("%dspool run ask").result == "'answered'"
+        assert k.run("%dspool limit").stream() == (
+            "openai/gpt-4o-mini: 1/60 rpm, 17/10,000 tpm, 0 in flight, 0 429s\n"
+            "budget: 17 of 1,000 tokens spent\n"
+        )
+        usage = k.run("%dspool usage --out spent").stream().splitlines()
+        assert usage[0].split() == ["requests", "prompt", "completion", "cost", "429s"]
+        assert usage[1].split()[:4] == ["total", "1", "12", "5"]
+        assert usage[2].split()[:5] == ["model", "openai/gpt-4o-mini", "1", "12", "5"]
+        assert usage[-1] == "budget: 17 of 1,000 tokens spent"
+        assert k.value("(spent.requests, spent.prompt_tokens, spent.completion_tokens)") == (
+            1,
+            12,
+            5,
+        )
+        assert k.run("%dspool limit openai/gpt-4o-mini --off").stream() == (
+            "dspool: no limit on 'openai/gpt-4o-mini'\n"
+        )
+        assert k.run("%dspool limit --budget --off").stream() == "dspool: no budget\n"
+        assert k.run("%dspool limit").stream().splitlines() == [
+            "openai/gpt-4o-mini: 1 rpm (no limit), 0 in flight, 0 429s",
+            "no budget (%dspool limit --budget max_cost=D sets one)",
+        ]
+    finally:
+        k.run("%dspool start --workers 2 --replace")
+        k.run("__import__('dspool_jupyter').pool.current_pool().wait_ready(30)")
 
 
 def test_status_text_is_the_state_when_it_runs(k: Kernel) -> None:
