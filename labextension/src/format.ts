@@ -1,4 +1,10 @@
-import { IDepartedWorker, IFailedCall, IPoolStatus } from './protocol';
+import {
+  IDepartedWorker,
+  IFailedCall,
+  ILimits,
+  IModelLimit,
+  IPoolStatus
+} from './protocol';
 
 /*
  * The words are the status widget's (dspool_jupyter/widget.py): `calls` every call that
@@ -108,4 +114,76 @@ export function ago(kernelTime: number | null, clockOffset: number): string {
   }
   const now = Date.now() / 1000 + clockOffset;
   return `${formatSeconds(now - kernelTime)} ago`;
+}
+
+/** A number as the status widget writes it: `10,000`, `0.5`. */
+function count(value: number, digits = 6): string {
+  return value.toLocaleString('en-US', { maximumFractionDigits: digits });
+}
+
+/** Dollars: cents above a dollar, six decimals below (usage.cost_text). */
+export function costText(cost: number | null): string {
+  if (cost === null) {
+    return 'n/a';
+  }
+  return cost >= 1
+    ? `$${cost.toLocaleString('en-US', { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`
+    : `$${cost.toFixed(6)}`;
+}
+
+/** One model's line, the status widget's (usage.model_line). */
+export function modelLine(model: IModelLimit): string {
+  const parts = [
+    model.rpm
+      ? `${Math.round(model.achieved_rpm)}/${count(model.rpm)} rpm`
+      : `${Math.round(model.achieved_rpm)} rpm (no limit)`
+  ];
+  if (model.tpm) {
+    parts.push(
+      `${count(Math.round(model.achieved_tpm))}/${count(model.tpm)} tpm`
+    );
+  }
+  parts.push(`${model.in_flight} in flight`, `${model.rate_limited} 429s`);
+  if (model.paused_for > 0) {
+    parts.push(`paused ${model.paused_for.toFixed(1)} s`);
+  }
+  return `${model.model}: ${parts.join(', ')}`;
+}
+
+/**
+ * The provider limits as the status widget shows them (LimitsSnapshot.lines): one line
+ * per model, the LM usage, the budget; none when nothing is limited, budgeted or spent.
+ */
+export function limitLines(limits: ILimits | null | undefined): string[] {
+  if (!limits) {
+    return [];
+  }
+  const lines = limits.models.map(modelLine);
+  const total = limits.usage.total;
+  if (total.requests || total.rate_limited) {
+    lines.push(
+      `LM usage: ${count(total.requests)} requests, ${count(total.total_tokens)} tokens ` +
+        `(${count(total.prompt_tokens)} prompt), ${costText(total.cost)}, ` +
+        `${total.rate_limited} 429s`
+    );
+  }
+  const budget = limits.budget;
+  const parts: string[] = [];
+  if (budget.max_cost !== null) {
+    parts.push(
+      `${costText(budget.spent_cost)} of ${costText(budget.max_cost)}`
+    );
+  }
+  if (budget.max_tokens !== null) {
+    parts.push(
+      `${count(budget.spent_tokens)} of ${count(budget.max_tokens)} tokens`
+    );
+  }
+  if (parts.length) {
+    lines.push(
+      `budget: ${parts.join(' and ')} spent` +
+        (budget.exhausted ? ' (exhausted: LM requests fail at once)' : '')
+    );
+  }
+  return lines;
 }

@@ -9,6 +9,7 @@ import {
   failureText,
   formatBytes,
   formatSeconds,
+  limitLines,
   slotCount,
   startingText
 } from './format';
@@ -46,8 +47,9 @@ function el<K extends keyof HTMLElementTagNameMap>(
 }
 
 /**
- * The side panel: start-up progress, the worker table, recent failed calls with their
- * tracebacks, and buttons to restart a worker or the whole pool.
+ * The side panel: start-up progress, the provider limits and LM usage (when any), the
+ * worker table, recent failed calls with their tracebacks, and buttons to restart a
+ * worker or the whole pool.
  */
 export class PoolPanel extends Widget {
   constructor(model: ActivePoolModel) {
@@ -143,12 +145,32 @@ export class PoolPanel extends Widget {
       return;
     }
     this.node.dataset.state = status.state;
-    this._body.replaceChildren(
+    const sections = [
       this._renderSummary(status),
-      this._renderProgress(status, connection.clockOffset),
+      this._renderProgress(status, connection.clockOffset)
+    ];
+    const limits = limitLines(status.limits);
+    if (limits.length) {
+      sections.push(this._renderLimits(limits));
+    }
+    sections.push(
       this._renderWorkers(status, connection.departed, connection.clockOffset),
       this._renderFailures(status)
     );
+    this._body.replaceChildren(...sections);
+  }
+
+  /** Per model the achieved rates against its limit, the LM usage, the budget. */
+  private _renderLimits(lines: string[]): HTMLElement {
+    const section = el('section', 'dspool-limits');
+    const title = el('h3', '', 'LM limits and usage');
+    title.title =
+      'requests and tokens per minute over the last minute, against the pool-wide limit';
+    section.append(title);
+    for (const line of lines) {
+      section.append(el('div', 'dspool-limit-line', line));
+    }
+    return section;
   }
 
   private _renderSummary(status: IPoolStatus): HTMLElement {

@@ -75,6 +75,55 @@ export interface IPoolStatus {
   preload_started_at?: number | null;
   /** Null while the import runs. */
   preload_seconds?: number | null;
+  /** The provider limits, usage and budget; null for a pool without limits. */
+  limits?: ILimits | null;
+}
+
+/** One model as the permit broker sees it (dspool_jupyter.usage.ModelSnapshot). */
+export interface IModelLimit {
+  model: string;
+  /** The limits set (per minute), or null. */
+  rpm: number | null;
+  tpm: number | null;
+  /** The pace permits are handed out at now, null = unpaced. */
+  pace_rpm: number | null;
+  /** Answered requests and their tokens over the last minute. */
+  achieved_rpm: number;
+  achieved_tpm: number;
+  in_flight: number;
+  /** 429s seen. */
+  rate_limited: number;
+  /** Seconds left in a pause after a 429. */
+  paused_for: number;
+}
+
+/** LM requests and their tokens and cost (dspool_jupyter.usage.Usage.as_dict()). */
+export interface IUsage {
+  requests: number;
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  /** Dollars; null while no answered request had a known price. */
+  cost: number | null;
+  rate_limited: number;
+}
+
+/** The provider limits' snapshot (dspool_jupyter.usage.LimitsSnapshot.as_dict()). */
+export interface ILimits {
+  models: IModelLimit[];
+  budget: {
+    max_cost: number | null;
+    max_tokens: number | null;
+    spent_cost: number;
+    spent_tokens: number;
+    exhausted: boolean;
+  };
+  usage: {
+    total: IUsage;
+    by_program: Record<string, IUsage>;
+    by_session: Record<string, IUsage>;
+    by_model: Record<string, IUsage>;
+  };
 }
 
 /** A worker that left the pool recently (kept as long as the status widget keeps it). */

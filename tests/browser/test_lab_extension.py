@@ -38,6 +38,12 @@ POOL_CELLS = (
     '    print("crashed:", exc)',
     'from dspool_jupyter import Pool\npool = Pool(workers=2, preload=["slow_start"])',
     "from dspool_jupyter.widget import StatusView\nStatusView(pool)",
+    # a limit for plain programs, a budget, and one LM request under a permit
+    'pool.set_rate_limit("openai/gpt-4o-mini", rpm=60, tpm=10_000, plain=True)\n'
+    "pool.set_budget(max_tokens=1000)\n"
+    'pool.define("ask", "from dspool_jupyter.llm import permit\\ndef ask():\\n'
+    "    with permit('openai/gpt-4o-mini') as p:\\n        p.record(12, 5)\\n\")\n"
+    'pool.run("ask")',
 )
 SLOW_START = "import time\n\ntime.sleep(2.0)  # a heavy preload: the pool is 'starting' meanwhile\n"
 
@@ -123,6 +129,23 @@ def test_status_item_panel_and_restarts(lab: Lab, page: Any, artifacts: Path) ->
     assert "no traceback" not in panel.inner_text()
     page.screenshot(path=str(artifacts / "03-panel.png"))
 
+    # the provider limits, the LM usage and the budget, as the status widget says them
+    assert panel.locator(".dspool-limits").count() == 0  # nothing set: nothing shown
+    run_cell(page, 5)
+    limits = panel.locator(".dspool-limits")
+    limits.wait_for(state="visible")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#dspool-panel .dspool-limit-line').length === 3"
+    )
+    lines = limits.locator(".dspool-limit-line").all_inner_texts()
+    assert lines[0] == "openai/gpt-4o-mini: 1/60 rpm, 17/10,000 tpm, 0 in flight, 0 429s"
+    assert lines[1].startswith("LM usage: 1 requests, 17 tokens (12 prompt), $"), lines
+    assert lines[2] == "budget: 17 of 1,000 tokens spent"
+    widget_limits = view.locator(".dspool-limits")
+    widget_limits.wait_for(state="visible")
+    assert widget_limits.inner_text().splitlines() == lines  # the same words in both
+    page.screenshot(path=str(artifacts / "03b-panel-limits.png"))
+
     # restart a worker from the panel
     first = rows.first
     worker_id = first.get_attribute("data-worker-id")
@@ -180,7 +203,10 @@ def test_status_item_panel_and_restarts(lab: Lab, page: Any, artifacts: Path) ->
     run_cell(page, 3)  # a pool whose start takes a while: start-up progress shows
     page.wait_for_selector(f'{ITEM}[data-state="starting"][data-ready="0"]', state="visible")
     assert "dspool-state-starting" in (item.get_attribute("class") or "")
-    assert panel.locator(".dspool-progress-label").inner_text() == "Starting: 0 of 2 workers ready"
+    label = panel.locator(".dspool-progress-label").inner_text()
+    assert label.startswith("Starting: 0 of 2 workers ready"), label
+    # what it is doing: the template imports the preload (filled from its start and ready)
+    assert re.search(r"importing slow_start in the template \(\d+ s so far\)", label), label
     page.screenshot(path=str(artifacts / "05-after-kernel-restart-starting.png"))
     page.wait_for_selector(f'{READY_2}[data-state="healthy"][data-failed="0"]', state="visible")
     page.screenshot(path=str(artifacts / "06-after-kernel-restart-ready.png"))
