@@ -12,8 +12,14 @@ behind it:
 - **Auto-start.** ``program``, ``signature``, ``run``, ``map`` and ``lm`` start a pool with
   the defaults (one worker per CPU, the default store; ``signature`` and ``lm`` also
   preload dspy, so its workers fork with it imported) when there is none, and say so in
-  one line; ``status``, ``errors``, ``restart`` and ``stop`` never start one, and
-  ``programs`` lists the default store when there is no pool.
+  one line; ``status``, ``errors``, ``restart``, ``stop``, ``limit`` and ``usage`` never
+  start one, and ``programs`` lists the default store when there is no pool.
+- **Limits and usage.** ``%dspool limit MODEL rpm=N tpm=N`` is ``pool.set_rate_limit``
+  (``--plain`` its ``plain=True``, ``--off`` removes the limit), ``%dspool limit --budget
+  max_cost=D max_tokens=N`` is ``pool.set_budget``, and ``%dspool limit`` alone shows
+  the limits snapshot; ``%dspool usage`` prints ``pool.usage().table()``. Each
+  ``key=value`` is checked before the pool sees it: an unknown model, an unknown key or
+  a value that is not a positive number is a one-line ``UsageError`` naming it.
 - **Store.** The default is the pool's default (``$DSPOOL_STORE``, else the per-user
   cache directory), so programs defined in a notebook survive kernel restarts;
   ``--store PATH`` chooses another. Programs are anonymous (visible to every call)
