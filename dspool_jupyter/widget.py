@@ -77,6 +77,7 @@ __all__ = [
     "DEAD_ROW_SECONDS",
     "DEFAULT_INTERVAL",
     "IDLE_REFRESH",
+    "LIMITS_REFRESH",
     "STATE_COLOURS",
     "URGENT_EVENTS",
     "URGENT_INTERVAL",
@@ -103,6 +104,7 @@ URGENT_INTERVAL = 0.05  # seconds: a death, a failed call, ready or closed shows
 IDLE_REFRESH = 1.0  # seconds between refreshes when no event came (heartbeat ages, memory)
 DEAD_ROW_SECONDS = DEPARTED_SECONDS  # seconds a departed worker's row stays in the table
 SHOWN_FAILURES = 10  # recent failed calls listed, newest first
+LIMITS_REFRESH = 1.0  # seconds between snapshots of the provider limits (per-minute rates)
 
 # One colour per state word, pool and worker alike; labextension/style/base.css has the
 # same values (tests/test_widget.py checks), so the widget, panel and status bar agree.
@@ -554,6 +556,8 @@ class StatusView:
         self._rows: dict[str, tuple[Any, Any, Any]] = {}  # worker id -> (row, html, button)
         self._failure_ids: tuple[int, ...] | None = None
         self._pending: list[_Pending] = []
+        self._limits: LimitsSnapshot | None = None
+        self._limits_at: float | None = None  # monotonic time of that limits snapshot
 
     # -- public
     @property
@@ -686,7 +690,11 @@ class StatusView:
 
     def _snapshot(self) -> ViewModel:
         status = self.pool.status()
-        return build_model(status, self._departures.update(status), limits=limits_of(self.pool))
+        now = time.monotonic()
+        # the limits' rates are per-minute averages: one snapshot a second is plenty
+        if self._limits_at is None or now - self._limits_at >= LIMITS_REFRESH:
+            self._limits, self._limits_at = limits_of(self.pool), now
+        return build_model(status, self._departures.update(status), limits=self._limits)
 
     # -- widgets (built lazily, only touched under the render lock or when building)
     def _build(self) -> Any:
