@@ -320,7 +320,14 @@ class StatusPublisher:
                 comms = [self._comms[c] for c in self._live if c in self._comms]
                 self._seq += 1
                 seq = self._seq
-            status = _snapshot_and_departed(pool, departures)
+            try:
+                status = _snapshot_and_departed(pool, departures, strict=True)
+            except Exception:
+                # a failed snapshot is not "no pool": send nothing, try again shortly
+                log.debug("dspool comm: no snapshot of the pool; retrying", exc_info=True)
+                self._throttle.acted()
+                self._throttle.mark()
+                continue
             message = {
                 "type": "status",
                 "protocol": PROTOCOL_VERSION,
@@ -394,14 +401,19 @@ def _snapshot(pool: PoolView | None) -> dict[str, Any] | None:
 
 
 def _snapshot_and_departed(
-    pool: PoolView | None, departures: Departures
+    pool: PoolView | None, departures: Departures, *, strict: bool = False
 ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-    """The pool's snapshot as JSON and its recently departed workers; None without one."""
+    """The pool's snapshot as JSON and its recently departed workers; None without one.
+
+    A snapshot that fails is None too, unless ``strict``: then its exception propagates.
+    """
     if pool is None:
         return None
     try:
         status = pool.status()
     except Exception:
+        if strict:
+            raise
         log.debug("dspool comm: no snapshot of the pool", exc_info=True)
         return None
     if status.state == "closed":

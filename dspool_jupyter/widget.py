@@ -678,13 +678,23 @@ class StatusView:
             self._throttle.mark()
 
     def _run(self) -> None:
+        warned = False
         try:
             while self._throttle.wait():
-                self.refresh()
+                try:
+                    self.refresh()
+                except Exception:
+                    # One failed snapshot must not freeze the live view: try again after
+                    # the interval (said once, so a lasting fault does not flood the log).
+                    (log.debug if warned else log.warning)(
+                        "dspool status view: a refresh failed; retrying", exc_info=True
+                    )
+                    warned = True
+                    self._throttle.acted()
+                    self._throttle.mark()
+                    continue
                 if self.pool.closed and self.model is not None and self.model.state == "closed":
                     return
-        except Exception:
-            log.exception("dspool status view stopped")
         finally:
             self._unfollow()
 

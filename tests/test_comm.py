@@ -213,6 +213,31 @@ def test_follows_current_pool(setup: tuple[dcomm.StatusPublisher, Registry, Fake
     assert c.next()["status"]["calls"] == 7 and other.bus.active
 
 
+def test_a_failed_snapshot_is_not_sent_as_no_pool(
+    setup: tuple[dcomm.StatusPublisher, Registry, FakePool],
+) -> None:
+    class Flaky(FakePool):
+        failures = 0
+
+        def status(self) -> PoolStatus:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("deque mutated during iteration")
+            return super().status()
+
+    pub, reg, _pool = setup
+    flaky = Flaky(calls=3)
+    flaky.failures = 2
+    c = FakeComm()
+    pub.add_comm(c, live=True)
+    reg.change(flaky)
+    msg = c.next()
+    while msg["status"] is None or msg["status"]["calls"] != 3:
+        assert msg["status"] is not None or flaky.failures == 2, "a failure was sent as no pool"
+        msg = c.next()
+    assert flaky.failures == 0
+
+
 def test_commands(setup: tuple[dcomm.StatusPublisher, Registry, FakePool]) -> None:
     pub, _reg, pool = setup
     c = FakeComm()

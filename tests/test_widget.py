@@ -333,6 +333,29 @@ def test_idle_refresh_keeps_ages_true(monkeypatch: pytest.MonkeyPatch) -> None:
         view.close()
 
 
+def test_a_failed_snapshot_does_not_freeze_the_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Flaky(FakePool):
+        failures = 0
+
+        def status(self) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("deque mutated during iteration")
+            return super().status()
+
+    monkeypatch.setattr(widget, "IDLE_REFRESH", 0.05)
+    pool = Flaky()
+    view = StatusView(pool, widgets=False)  # type: ignore[arg-type]
+    view._repr_mimebundle_()
+    pool.failures = 2  # the first refresh (when shown) worked; the next two fail
+    try:
+        pool.current = _status(calls=42)
+        wait_for(lambda: view.model is not None and view.model.calls == 42, timeout=5)
+        assert view.following and pool.failures == 0
+    finally:
+        view.close()
+
+
 def test_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="interval"):
         StatusView(FakePool(), interval=0)  # type: ignore[arg-type]
