@@ -141,9 +141,16 @@ def test_status_item_panel_and_restarts(lab: Lab, page: Any, artifacts: Path) ->
     assert lines[0] == "openai/gpt-4o-mini: 1/60 rpm, 17/10,000 tpm, 0 in flight, 0 429s"
     assert lines[1].startswith("LM usage: 1 requests, 17 tokens (12 prompt), $"), lines
     assert lines[2] == "budget: 17 of 1,000 tokens spent"
-    widget_limits = view.locator(".dspool-limits")
-    widget_limits.wait_for(state="visible")
-    assert widget_limits.inner_text().splitlines() == lines  # the same words in both
+    # the same words in the widget (it snapshots the limits once a second: wait for it)
+    page.wait_for_function(
+        """lines => {
+            const el = document.querySelector('.dspool-status-widget .dspool-limits');
+            return !!el && el.innerText.split('\\n').filter(x => x).join('\\n')
+                === lines.join('\\n');
+        }""",
+        arg=lines,
+        timeout=10_000,
+    )
     page.screenshot(path=str(artifacts / "03b-panel-limits.png"))
 
     # restart a worker from the panel
