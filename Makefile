@@ -4,6 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The example notebooks under nbval: every cell's outputs are compared with the saved ones.
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks/
+# Install once; again only when what the install reads changed (not on every `make test`).
+INSTALLED := $(VENV)/.installed
+LABEXT := dspool_jupyter/labextension/static/style.js
+LAB_SOURCES := $(wildcard labextension/src/*.ts labextension/style/*) \
+	labextension/package.json labextension/yarn.lock
 
 .PHONY: install run test lint notebooks
 
@@ -11,8 +16,17 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-install: $(BIN)/python
+$(INSTALLED): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# The editable install builds the lab extension only when it is missing: rebuild it when
+# its sources are newer than the build.
+$(LABEXT): $(LAB_SOURCES) | $(INSTALLED)
+	cd labextension && $(abspath $(BIN))/jlpm install && $(abspath $(BIN))/jlpm build:prod
+	touch $@
+
+install: $(INSTALLED) $(LABEXT)
 
 # The main job: every example notebook, top to bottom in a fresh kernel (executed copies
 # in build/notebooks/), then the plain-Python quickstart.

@@ -17,10 +17,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Results", "environment", "render"]
+__all__ = ["NAMES", "Results", "environment", "name", "render"]
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = "dspool"
+# What the tables call each system: its real name (the keys are command-line names).
+NAMES = {
+    "ppe-fork": "ProcessPoolExecutor (fork)",
+    "ppe-forkserver": "ProcessPoolExecutor (forkserver)",
+}
+
+
+def name(system: str) -> str:
+    """The name a reader knows ``system`` by (``ppe-fork`` is ProcessPoolExecutor)."""
+    return NAMES.get(system, system)
 
 
 def _seconds(value: float) -> str:
@@ -107,7 +117,7 @@ def render(
     ran = [s for s in systems if s not in results.missing]
 
     def row_for(system: str, cells: list[str]) -> list[str]:
-        return [f"**{system}**" if system == BASELINE else system, *cells]
+        return [f"**{system}**" if system == BASELINE else name(system), *cells]
 
     def rows(make: Callable[[str], list[str]], include_missing: bool = True) -> list[list[str]]:
         return [row_for(s, make(s)) for s in systems if include_missing or s not in results.missing]
@@ -134,7 +144,7 @@ def render(
                     results.median(s, f"startup/{preload}/{hi}"),
                 )
                 if a and b:
-                    scaling.append(f"{s} {b / a:.2f}")
+                    scaling.append(f"{name(s)} {b / a:.2f}")
             if scaling and lo != hi:
                 out += ["", f"N={hi} ÷ N={lo}: " + ", ".join(scaling)]
 
@@ -216,10 +226,10 @@ def render(
 
     problems = []
     for system, reason in results.missing.items():
-        problems.append(f"{system}: {reason}")
+        problems.append(f"{name(system)}: {reason}")
     for system, messages in results.failures.items():
         for message in messages:
-            problems.append(f"{system}: {message}")
+            problems.append(f"{name(system)}: {message}")
     if problems or results.notes:
         out += ["", "### Missing, failed and noticed", ""]
         out += [f"- {p}" for p in problems + results.notes]
@@ -251,7 +261,7 @@ def targets(results: Results, config: dict[str, Any]) -> list[str]:
                 best = min(peer_eight, key=peer_eight.__getitem__)
                 lines.append(
                     f"{verdict(not slower)} 8 workers with {heavy} faster than every peer:"
-                    f" {_seconds(eight)} vs best peer {best} {_seconds(peer_eight[best])}"
+                    f" {_seconds(eight)} vs best peer {name(best)} {_seconds(peer_eight[best])}"
                 )
             else:
                 lines.append("n/a 8 workers faster than every peer (no peer ran)")
@@ -264,7 +274,7 @@ def targets(results: Results, config: dict[str, Any]) -> list[str]:
             theirs = results.median(ppe, "p99")
             if mine and theirs:
                 lines.append(
-                    f"{verdict(mine <= theirs)} trivial-call p99 no worse than {ppe}:"
+                    f"{verdict(mine <= theirs)} trivial-call p99 no worse than {name(ppe)}:"
                     f" {_seconds(mine)} vs {_seconds(theirs)}"
                 )
         mine = results.median(BASELINE, "throughput")
@@ -272,7 +282,7 @@ def targets(results: Results, config: dict[str, Any]) -> list[str]:
             theirs = results.median(ppe, "throughput")
             if mine and theirs:
                 lines.append(
-                    f"{verdict(mine <= theirs)} throughput at least {ppe}'s:"
+                    f"{verdict(mine <= theirs)} throughput at least {name(ppe)}'s:"
                     f" {config['calls'] / mine:,.0f} vs {config['calls'] / theirs:,.0f} calls/s"
                 )
         full = results.get(BASELINE, "full")

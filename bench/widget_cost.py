@@ -211,7 +211,7 @@ def event_cost() -> float:
         target = 1
 
     view = StatusView(Quiet(), widgets=False)  # type: ignore[arg-type]
-    view._dirty = True
+    view._throttle.dirty = True
     bus = EventBus()
     bus.subscribe(view._on_event)
     n = 100_000

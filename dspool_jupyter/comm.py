@@ -30,7 +30,15 @@ Kernel to frontend:
   or null, "events": [...]}``: a snapshot of the current pool (``null`` when this kernel
   has no pool, or it is closed). ``time`` is the kernel's wall clock (seconds since the
   epoch) so the frontend can age heartbeats without trusting its own clock; ``events``
-  lists the urgent events folded into this snapshot (``kind``, ``time``, ``worker_id``).
+  lists the urgent events folded into this snapshot (``kind``, ``time``, ``worker_id``);
+  ``departed`` lists the workers that left the pool in the last
+  :data:`~dspool_jupyter.status.DEPARTED_SECONDS` (``id``, ``pid``, ``state`` 'dead' or
+  'stopped', ``note`` such as 'killed by SIGKILL', ``calls``, ``errors``, ``age`` in
+  seconds), the same rows and for the same time as the status widget shows them.
+  ``status["limits"]`` is the provider limits' snapshot
+  (:meth:`dspool_jupyter.usage.LimitsSnapshot.as_dict`: ``models`` with their limits,
+  achieved rates, in-flight requests and 429s, ``budget``, ``usage`` totals and
+  breakdowns), or ``null`` for a pool without limits.
   Snapshots are throttled: at most one every :data:`MIN_INTERVAL` seconds, coalescing
   everything that happened in between; a worker's death, a failed call, the pool
   becoming ready or closing (:data:`URGENT_EVENTS`) are sent at once (at most one every
@@ -45,8 +53,9 @@ Frontend to kernel:
 - ``{"type": "restart_worker", "worker_id": str, "request_id": str?}``
 - ``{"type": "restart_pool", "request_id": str?}``
 
-Threads: pool events arrive on the pool's dispatcher thread and only set a flag; one
-sender thread per kernel takes the snapshots and sends them (ipykernel hands IOPub
+Threads: pool events arrive on the pool's dispatcher thread and only mark a
+:class:`~dspool_jupyter.throttle.Throttle` (the status widget's too); one sender thread
+per kernel takes the snapshots and sends them (ipykernel hands IOPub
 messages from any thread to its IOPub thread, so ``comm.send`` never blocks it).
 Commands run on a short-lived thread of their own, so neither the shell (nor the
 per-comm-target subshell JupyterLab 4.6 uses with ipykernel 7) waits for a restart.
@@ -62,6 +71,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
+
+from .status import Departures, PoolView, limits_of
+from .throttle import URGENT_EVENTS, Throttle
 
 if TYPE_CHECKING:
     from .events import Event
@@ -88,7 +100,6 @@ MIN_INTERVAL = 0.25  # seconds between routine snapshots: at most 4 a second
 URGENT_MIN_INTERVAL = 0.05  # seconds between snapshots sent at once for URGENT_EVENTS
 KEEPALIVE = 30.0  # seconds between a frontend's hellos (the lab extension's constant)
 LEASE = 90.0  # seconds a comm stays live after the frontend's last message
-URGENT_EVENTS = frozenset({"worker_died", "call_failed", "pool_ready", "pool_closed"})
 MAX_URGENT_EVENTS = 20  # per snapshot; more are dropped (the snapshot has the counts)
 MAX_TRACEBACK_CHARS = 8000  # per failed call in a snapshot; the head is cut
 
@@ -110,30 +121,18 @@ class CommLike(Protocol):
     def on_close(self, callback: Callable[[dict[str, Any]], None] | None) -> None: ...
 
 
-class PoolLike(Protocol):
-    """The part of :class:`dspool_jupyter.pool.Pool` the publisher uses."""
-
-    def status(self) -> Any: ...
-
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]: ...
-
-    def restart_worker(self, worker_id: str) -> Any: ...
-
-    def restart(self) -> Any: ...
+PoolGetter = Callable[[], "PoolView | None"]
+PoolWatcher = Callable[[Callable[["PoolView | None"], None]], Callable[[], None]]
 
 
-PoolGetter = Callable[[], "PoolLike | None"]
-PoolWatcher = Callable[[Callable[["PoolLike | None"], None]], Callable[[], None]]
-
-
-def _default_pool_getter() -> PoolLike | None:
+def _default_pool_getter() -> PoolView | None:
     from .pool import current_pool
 
     pool: Pool | None = current_pool()
     return pool
 
 
-def _default_pool_watcher(callback: Callable[[PoolLike | None], None]) -> Callable[[], None]:
+def _default_pool_watcher(callback: Callable[[PoolView | None], None]) -> Callable[[], None]:
     from .pool import on_current_pool_changed
 
     return on_current_pool_changed(callback)
@@ -157,21 +156,19 @@ class StatusPublisher:
     ) -> None:
         self._pool_getter = pool_getter
         self._pool_watcher = pool_watcher
-        self._min_interval = min_interval
-        self._urgent_min_interval = urgent_min_interval
         self._lease = lease
         self._cond = threading.Condition(threading.RLock())
+        self._throttle = Throttle(
+            min_interval, urgent_min_interval, idle=lease / 4, cond=self._cond
+        )
+        self._departures = Departures()
         self._comms: dict[str, CommLike] = {}
         self._live: dict[str, float] = {}  # comm id -> monotonic time last heard from
-        self._pool: PoolLike | None = None
+        self._pool: PoolView | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._unwatch: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
-        self._stop = False
-        self._dirty = False
-        self._urgent = False
         self._events: list[dict[str, Any]] = []
-        self._last_sent = float("-inf")
         self._seq = 0
 
     # -- comms ------------------------------------------------------------------------
@@ -243,33 +240,30 @@ class StatusPublisher:
 
     def request_snapshot(self, *, urgent: bool = False) -> None:
         """Ask for a snapshot; it goes out within the throttle interval."""
-        with self._cond:
-            self._dirty = True
-            self._urgent = self._urgent or urgent
-            self._cond.notify()
+        self._throttle.mark(urgent)
 
     def _on_event(self, event: Event) -> None:
         """Pool dispatcher thread: note the change, never wait."""
         urgent = event.kind in URGENT_EVENTS
         with self._cond:
-            self._dirty = True
             if urgent:
-                self._urgent = True
+                self._departures.on_event(event)
                 if len(self._events) < MAX_URGENT_EVENTS:
                     self._events.append(_event_brief(event))
-            self._cond.notify()
+            self._throttle.mark(urgent)
 
-    def _on_pool_changed(self, pool: PoolLike | None) -> None:
+    def _on_pool_changed(self, pool: PoolView | None) -> None:
         with self._cond:
             if self._unwatch is None:
                 return
             self._attach(pool)
 
-    def _attach(self, pool: PoolLike | None) -> None:
+    def _attach(self, pool: PoolView | None) -> None:
         if pool is self._pool and (pool is None or self._unsubscribe is not None):
             return
         self._detach()
         self._pool = pool
+        self._departures = Departures()
         if pool is not None:
             self._unsubscribe = pool.subscribe(self._on_event)
         self.request_snapshot(urgent=True)
@@ -289,7 +283,7 @@ class StatusPublisher:
             if known:
                 return
             if self._unwatch is None:
-                self._stop = False
+                self._throttle.start()
                 self._unwatch = self._pool_watcher(self._on_pool_changed)
                 self._attach(self._pool_getter())
                 if self._thread is None or not self._thread.is_alive():
@@ -307,10 +301,8 @@ class StatusPublisher:
             except Exception:
                 log.exception("dspool comm: unwatching the current pool failed")
         self._detach()
-        self._stop = True
-        self._dirty = self._urgent = False
+        self._throttle.stop()
         self._events = []
-        self._cond.notify_all()
 
     # -- sender thread --------------------------------------------------------------------
 
@@ -318,32 +310,32 @@ class StatusPublisher:
         while True:
             with self._cond:
                 self._expire_leases()
-                while not (self._dirty or self._stop):
-                    self._cond.wait(self._lease / 4)
-                    self._expire_leases()
-                while not self._stop:
-                    gap = self._urgent_min_interval if self._urgent else self._min_interval
-                    remaining = self._last_sent + gap - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                if self._stop:
+                if not self._throttle.wait(on_idle=self._expire_leases):
                     if self._thread is threading.current_thread():
                         self._thread = None
                     return
-                self._dirty = self._urgent = False
                 events, self._events = self._events, []
                 pool = self._pool
+                departures = self._departures
                 comms = [self._comms[c] for c in self._live if c in self._comms]
                 self._seq += 1
                 seq = self._seq
+            try:
+                status = _snapshot_and_departed(pool, departures, strict=True)
+            except Exception:
+                # a failed snapshot is not "no pool": send nothing, try again shortly
+                log.debug("dspool comm: no snapshot of the pool; retrying", exc_info=True)
+                self._throttle.acted()
+                self._throttle.mark()
+                continue
             message = {
                 "type": "status",
                 "protocol": PROTOCOL_VERSION,
                 "seq": seq,
                 "time": time.time(),
-                "status": _snapshot(pool),
+                "status": status[0] if status else None,
                 "events": events,
+                "departed": status[1] if status else [],
             }
             for comm in comms:
                 if getattr(comm, "_closed", False):  # closed from this side, unannounced
@@ -353,7 +345,7 @@ class StatusPublisher:
                     comm.send(message)
                 except Exception:
                     log.exception("dspool comm: sending a snapshot failed")
-            self._last_sent = time.monotonic()
+            self._throttle.acted()
 
     def _expire_leases(self) -> None:
         deadline = time.monotonic() - self._lease
@@ -365,7 +357,7 @@ class StatusPublisher:
     # -- commands -------------------------------------------------------------------------
 
     def _command(
-        self, comm: CommLike, request_id: object, action: Callable[[PoolLike], object]
+        self, comm: CommLike, request_id: object, action: Callable[[PoolView], object]
     ) -> None:
         def run() -> None:
             with self._cond:
@@ -402,20 +394,39 @@ class StatusPublisher:
             log.exception("dspool comm: sending a command result failed")
 
 
-def _snapshot(pool: PoolLike | None) -> dict[str, Any] | None:
+def _snapshot(pool: PoolView | None) -> dict[str, Any] | None:
+    """The pool's snapshot as JSON (None without a pool, or when it is closed)."""
+    parts = _snapshot_and_departed(pool, Departures())
+    return parts[0] if parts else None
+
+
+def _snapshot_and_departed(
+    pool: PoolView | None, departures: Departures, *, strict: bool = False
+) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """The pool's snapshot as JSON and its recently departed workers; None without one.
+
+    A snapshot that fails is None too, unless ``strict``: then its exception propagates.
+    """
     if pool is None:
         return None
     try:
-        data: dict[str, Any] = pool.status().to_dict()
+        status = pool.status()
     except Exception:
+        if strict:
+            raise
         log.debug("dspool comm: no snapshot of the pool", exc_info=True)
         return None
-    if data.get("state") == "closed":
+    if status.state == "closed":
         return None
+    now = time.monotonic()
+    departed = [d.to_dict(now) for d in departures.update(status, now)]
+    data: dict[str, Any] = status.to_dict()
+    limits = limits_of(pool)
+    data["limits"] = limits.as_dict() if limits is not None else None
     failures = data.get("recent_failures")
     if isinstance(failures, (list, tuple)):
         data["recent_failures"] = [_trim_failure(f) for f in failures]
-    return data
+    return data, departed
 
 
 def _trim_failure(failure: Any) -> Any:

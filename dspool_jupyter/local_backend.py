@@ -167,6 +167,9 @@ class LocalBackend:
         self._numbers = iter(range(1, 1 << 62))
         self._durations: dict[str, float] = {}  # program id -> typical run time (s)
         self._started = threading.Event()
+        # (wall time the current template started, seconds until it was ready): the
+        # preload import as PoolStatus shows it; one tuple, so any thread reads a pair
+        self.preload_times: tuple[float | None, float | None] = (None, None)
 
     # ------------------------------------------------------------ Backend API
     def start(self, dispatcher: Dispatcher) -> None:
@@ -411,6 +414,7 @@ class LocalBackend:
         # Offline by default: litellm (under dspy) must not fetch its price map at import.
         env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         config = dict(self.config, parent_pid=os.getpid())
+        started_at = time.time()
         try:
             process = subprocess.Popen(
                 [
@@ -434,6 +438,7 @@ class LocalBackend:
             child_end.close()
         pool_end.setblocking(False)
         template = TemplateHandle(process=process, control=pool_end)
+        self.preload_times = (started_at, None)
         self._template = template
         assert self._loop is not None
         self._loop.add_reader(pool_end.fileno(), self._on_control_readable, template)
@@ -465,6 +470,9 @@ class LocalBackend:
         op = message.get("op")
         if op == "ready":
             template.ready = True
+            started_at = self.preload_times[0]
+            if template is self._template and started_at is not None:
+                self.preload_times = (started_at, max(0.0, time.time() - started_at))
             self._template_failures = 0
             errors = message.get("preload_errors") or []
             if errors:

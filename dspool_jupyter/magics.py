@@ -6,14 +6,20 @@ behind it:
 - **Which pool.** One pool per kernel: the magics use the kernel's current pool
   (:func:`dspool_jupyter.pool.current_pool`, the last pool started in this kernel and not
   closed, whether by ``%dspool start`` or by ``Pool(...)`` in code), which is also the
-  one the JupyterLab status item shows. ``%dspool start`` starts a new pool and closes
-  the one the magics started before; a pool made in code is left to its owner (the new
-  one becomes current). ``%dspool stop`` closes the current pool.
+  one the JupyterLab status item shows. ``%dspool start`` while a pool is running says
+  so and changes nothing: ``%dspool start --replace`` stops the running pool (whoever
+  started it) and starts the new one, ``%dspool stop`` just stops it.
 - **Auto-start.** ``program``, ``signature``, ``run``, ``map`` and ``lm`` start a pool with
   the defaults (one worker per CPU, the default store; ``signature`` and ``lm`` also
   preload dspy, so its workers fork with it imported) when there is none, and say so in
-  one line; ``status``, ``errors``, ``restart`` and ``stop`` never start one, and
-  ``programs`` lists the default store when there is no pool.
+  one line; ``status``, ``errors``, ``restart``, ``stop``, ``limit`` and ``usage`` never
+  start one, and ``programs`` lists the default store when there is no pool.
+- **Limits and usage.** ``%dspool limit MODEL rpm=N tpm=N`` is ``pool.set_rate_limit``
+  (``--plain`` its ``plain=True``, ``--off`` removes the limit), ``%dspool limit --budget
+  max_cost=D max_tokens=N`` is ``pool.set_budget``, and ``%dspool limit`` alone shows
+  the limits snapshot; ``%dspool usage`` prints ``pool.usage().table()``. Each
+  ``key=value`` is checked before the pool sees it: an unknown model, an unknown key or
+  a value that is not a positive number is a one-line ``UsageError`` naming it.
 - **Store.** The default is the pool's default (``$DSPOOL_STORE``, else the per-user
   cache directory), so programs defined in a notebook survive kernel restarts;
   ``--store PATH`` chooses another. Programs are anonymous (visible to every call)
@@ -53,6 +59,9 @@ behind it:
   for, every call of a ``map``, and the ``--bg`` calls started by that same cell (a
   ``--bg`` call of an earlier cell keeps running; ``handle.cancel()`` stops it). A
   cancelled running call gets SIGINT in its worker; the pool and the kernel stay usable.
+  The cell then shows a few lines, not the kernel's traceback through this module and
+  ``concurrent.futures`` (ipyparallel's short form): which calls were cancelled, where
+  they ran, and the pool's state (:func:`cancel_on_interrupt`).
 - **Shutdown.** Pools close at interpreter exit (:mod:`dspool_jupyter.pool` registers it),
   so a kernel shutdown or restart stops them cleanly, and every pool process dies with
   its parent anyway, so no worker outlives its kernel.
@@ -67,6 +76,7 @@ import concurrent.futures
 import html
 import json
 import logging
+import math
 import queue
 import re
 import sys
@@ -90,15 +100,19 @@ from .errors import (
     UnpicklableArguments,
 )
 from .journal import JournalNotFound, check_journal_name, list_journals, open_journal
+from .limits import check_model
 from .mapping import MapHandle, MapProgress, MapResult
 from .pool import CallFuture, Pool, current_pool
-from .widget import DEFAULT_INTERVAL, FailuresView, StatusView, render_text
+from .status import PoolView, limits_of
+from .usage import budget_text, cost_text, model_line
+from .widget import DEFAULT_INTERVAL, FailuresView, StatusView, build_model, render_text
 
 __all__ = [
     "DEFAULT_BG_NAME",
     "BackgroundCall",
     "DspoolMagics",
     "MapResult",
+    "cancel_on_interrupt",
     "parse_cell_inputs",
     "parse_inputs",
     "parse_value",
@@ -127,10 +141,12 @@ SUBCOMMANDS = (
     "restart",
     "stop",
     "journals",
+    "limit",
+    "usage",
 )
 SYNTAX = {
-    "start": "%dspool start [--workers N] [--store PATH] [--preload mod1,mod2] [--timeout S]"
-    " [--dask ADDRESS] [--no-wait]",
+    "start": "%dspool start [--workers N] [--concurrency K] [--store PATH] [--preload mod1,mod2]"
+    " [--timeout S] [--dask ADDRESS] [--no-wait] [--replace]",
     "program": "%%dspool program NAME [--session S] [--entry FUNC], source in the cell",
     "signature": "%%dspool signature NAME [--module Predict|ChainOfThought] [--session S],"
     " the signature in the cell",
@@ -144,7 +160,12 @@ SYNTAX = {
     "restart": "%dspool restart [WORKER]",
     "stop": "dspool stop",
     "journals": "%dspool journals [--delete J]",
+    "limit": "%dspool limit [MODEL rpm=N tpm=N [--plain] | MODEL --off"
+    " | --budget max_cost=D max_tokens=N | --budget --off]",
+    "usage": "%dspool usage [--out VAR]",
 }
+LIMIT_KEYS = ("rpm", "tpm")  # %dspool limit MODEL key=value
+BUDGET_KEYS = ("max_cost", "max_tokens")  # %dspool limit --budget key=value
 _KEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -345,6 +366,85 @@ def _one_line(exc: BaseException) -> BaseException:
     line = f"{type(exc).__name__}: {exc}"
     exc.__dict__["_render_traceback_"] = lambda: [line]
     return exc
+
+
+def _worker_list(ids: Iterable[str]) -> str:
+    ordered = sorted(set(ids), key=lambda i: (len(i), i))
+    return ", ".join(ordered)
+
+
+def _pool_line(pool: PoolView | None) -> str:
+    if pool is None:
+        return ""
+    try:
+        status = pool.status()
+    except Exception:
+        return ""
+    if status.state == "closed":
+        return "The pool is closed."
+    return (
+        f"The pool carries on: {status.state}, {status.ready_count}/{status.target} workers "
+        f"ready, {status.running} in flight, {status.queued} queued."
+    )
+
+
+def cancel_on_interrupt(
+    program: str,
+    futures: Iterable[concurrent.futures.Future[Any]],
+    pool: PoolView | None,
+) -> KeyboardInterrupt:
+    """Cancel ``futures`` after the stop button and say so in a few lines.
+
+    Returns the ``KeyboardInterrupt`` to raise (``raise ... from None``): IPython shows its
+    lines instead of a traceback through the magics and ``concurrent.futures``. They name
+    the calls that were cancelled while running (and on which worker), those cancelled
+    before they started, those that had already ended, and the pool's state afterwards.
+    ``run`` and ``map`` both use it.
+    """
+    running: list[str] = []
+    queued = ended = 0
+    for future in futures:
+        if future.done():
+            ended += 1
+            continue
+        worker = getattr(future, "worker_id", None)
+        if future.cancel() or not future.done():
+            if isinstance(worker, str):
+                running.append(worker)
+            else:
+                queued += 1
+        else:
+            ended += 1
+    cancelled = len(running) + queued
+    if cancelled == 1 and running:
+        first = f"cancelled the call of {program!r} on worker {running[0]} while it ran"
+    elif cancelled == 1:
+        first = f"cancelled the call of {program!r} before it started (it was queued)"
+    else:
+        parts = []
+        if running:
+            parts.append(f"{len(running)} running on {_worker_list(running)}")
+        if queued:
+            parts.append(f"{queued} queued")
+        what = f" ({', '.join(parts)})" if parts else ""
+        first = f"cancelled {cancelled} call{'s' if cancelled != 1 else ''} of {program!r}{what}"
+        if ended:
+            first += f"; {ended} had already ended"
+    lines = [f"KeyboardInterrupt: {first}"]
+    if running:
+        lines.append(
+            "The interrupted worker"
+            + ("s get" if len(set(running)) > 1 else " gets")
+            + " SIGINT and serve"
+            + ("" if len(set(running)) > 1 else "s")
+            + " the next call."
+        )
+    pool_line = _pool_line(pool)
+    if pool_line:
+        lines.append(pool_line)
+    interrupt = KeyboardInterrupt(first)
+    interrupt.__dict__["_render_traceback_"] = lambda: list(lines)
+    return interrupt
 
 
 def _display(obj: object, **kwargs: Any) -> Any:
@@ -585,13 +685,19 @@ class DspoolMagics(Magics):
         except ProgramNotFound as exc:
             raise UsageError(f"{exc}; define it with %%dspool program {name}") from None
 
-    def _wait(self, future: CallFuture) -> Any:
-        """Wait for one call like a normal cell: interruptible, errors shown natively."""
+    def _wait(self, future: CallFuture, pool: Pool) -> Any:
+        """Wait for one call like a normal cell: interruptible, errors shown natively.
+
+        It waits in ``future.exception()`` (the future's own condition), not in
+        ``concurrent.futures.wait``: an interrupt landing inside ``wait`` can leave the
+        future's internal lock held, and the cancel that follows would then block.
+        """
         try:
-            concurrent.futures.wait([future])
+            future.exception()
+        except concurrent.futures.CancelledError:
+            pass  # future.result() below says so
         except KeyboardInterrupt:
-            future.cancel()
-            raise
+            raise cancel_on_interrupt(future.program, [future], pool) from None
         echo_output(future)
         try:
             return future.result()
@@ -620,6 +726,12 @@ class DspoolMagics(Magics):
     @_subcommand(
         "dspool start",
         _arg("--workers", metavar="N", type=_count, help="worker processes (default: CPUs)"),
+        _arg(
+            "--concurrency",
+            metavar="K",
+            type=_count,
+            help="calls each worker runs at once (default 1)",
+        ),
         _arg("--store", metavar="PATH", type=_text, help="program store directory"),
         _arg("--preload", metavar="MODS", type=_text, help="modules to import once, a,b"),
         _arg("--timeout", metavar="S", type=_positive, help="default per-call timeout (seconds)"),
@@ -630,19 +742,29 @@ class DspoolMagics(Magics):
             help="run on the Dask cluster at ADDRESS (tcp://host:8786); 'local': a LocalCluster",
         ),
         _arg("--no-wait", action="store_true", help="return before the workers are ready"),
+        _arg("--replace", action="store_true", help="stop the running pool and start this one"),
     )
     def handle_start(self, args: argparse.Namespace, cell: str | None) -> None:
-        """Start the kernel's pool (closing the one %dspool start made before) and show it.
+        """Start the kernel's pool and show it.
 
-        Waits until every worker is ready (the status widget shows the progress) unless
-        --no-wait; calls made before then queue. --dask ADDRESS runs the same pool on the
-        workers of a Dask cluster (the dask extra; --workers is then how many to wait for,
-        by default all of them); programs still live in this kernel's store.
+        While a pool is running it says so and changes nothing: --replace stops that
+        pool first (its pending calls fail with PoolClosed), %dspool stop just stops it.
+        Waits until every worker is ready (the status widget shows the progress, and
+        what a --preload import is doing) unless --no-wait; calls made before then queue.
+        --dask ADDRESS runs the same pool on the workers of a Dask cluster (the dask
+        extra; --workers is then how many to wait for, by default all of them); programs
+        still live in this kernel's store.
+
+        --concurrency K lets each worker run K calls at once (threads, or its event loop
+        for async def programs): for programs that mostly wait on an LM or the network.
 
         Example: %dspool start --workers 4 --preload numpy,dspy --timeout 120
+        Example: %dspool start --workers 2 --concurrency 16 --preload dspy
         Example: %dspool start --dask tcp://scheduler:8786
         """
         options: dict[str, Any] = {"workers": args.workers, "call_timeout": args.timeout}
+        if args.concurrency is not None:
+            options["concurrency"] = args.concurrency
         if args.dask:
             options["backend"] = "dask"
             if args.dask != "local":
@@ -651,10 +773,17 @@ class DspoolMagics(Magics):
             options["store"] = Path(args.store).expanduser()
         if args.preload:
             options["preload"] = [m.strip() for m in args.preload.split(",") if m.strip()]
-        previous = _state.started
-        if previous is not None and not previous.closed:
+        previous = current_pool()
+        if previous is not None and not args.replace:
+            status = previous.status()
+            raise UsageError(
+                f"a pool is running ({status.state}, {status.ready_count}/{status.target} "
+                "workers ready); %dspool start --replace stops it and starts the new one, "
+                "%dspool stop just stops it"
+            )
+        if previous is not None:
             previous.close()
-            sys.stdout.write("dspool: stopped the previous pool\n")
+            sys.stdout.write("dspool: stopped the running pool\n")
         pool = self._start_pool(options)
         self._status_view(pool).show()
         if args.no_wait:
@@ -760,7 +889,7 @@ class DspoolMagics(Magics):
         future = pool.submit(
             args.name, *call_args, session=args.session, timeout=args.timeout, **kwargs
         )
-        value = self._wait(future)
+        value = self._wait(future, pool)
         if args.out is not None:
             self.user_ns[args.out] = value
             return None
@@ -936,17 +1065,27 @@ class DspoolMagics(Magics):
         _arg("--text", action="store_true", help="print a text table instead"),
     )
     def handle_status(self, args: argparse.Namespace, cell: str | None) -> None:
-        """Show the live status of the pool: workers, their state, recent failed calls."""
+        """Show the pool as it is now, then live: workers, their state, recent failed calls.
+
+        The words: calls (every call that ended) = done + failed + cancelled; in flight
+        (running now) out of the ready workers' slots; queued (waiting for a slot).
+        --text prints the table once, as of this moment.
+        """
         pool = current_pool()
         if pool is None:
             sys.stdout.write("dspool: no pool is running (%dspool start starts one)\n")
             return
+        if args.text:
+            view = _state.view
+            if view is not None and view.pool is pool:
+                model = view.refresh()
+            else:
+                model = build_model(pool.status(), limits=limits_of(pool))
+            sys.stdout.write(render_text(model) + "\n")
+            return
         view = self._status_view(pool)
         if args.interval is not None:
             view.interval = args.interval
-        if args.text:
-            sys.stdout.write(render_text(view.refresh()) + "\n")
-            return
         view.show()
 
     @_subcommand("dspool programs", _session)
@@ -1012,6 +1151,136 @@ class DspoolMagics(Magics):
             return
         pool.close()
         sys.stdout.write("dspool: pool stopped\n")
+
+    @_subcommand(
+        "%dspool limit",
+        _arg("model", metavar="MODEL", nargs="?", type=_text, help="e.g. openai/gpt-4o-mini"),
+        _arg(
+            "settings",
+            nargs="*",
+            metavar="key=value",
+            help="rpm=N tpm=N, or for --budget max_cost=D max_tokens=N",
+        ),
+        _arg("--budget", action="store_true", help="set the pool's budget instead"),
+        _arg("--off", action="store_true", help="remove the limit (or the budget)"),
+        _arg(
+            "--plain",
+            action="store_true",
+            help="allow a limit on a pool with no LM (plain programs take permits)",
+        ),
+    )
+    def handle_limit(self, args: argparse.Namespace, cell: str | None) -> None:
+        """One rate limit per model for the whole pool, or the pool's budget.
+
+        Every LM request of every worker (each slot, each replacement) takes a permit from
+        the kernel, so adding workers never goes past the limit; a 429 pauses the model
+        for every worker and the request is retried. rpm is requests per minute, tpm
+        tokens per minute; give one or both. MODEL is a name LiteLLM knows, or
+        provider/model. The pool needs an LM (%dspool lm) unless --plain says the
+        programs take permits themselves (dspool_jupyter.llm.permit). --off removes the
+        model's limit. --budget sets what the pool may spend (max_cost in dollars,
+        max_tokens in tokens): once spent, further LM requests fail at once. Without
+        arguments it shows the limits, the achieved rates and the budget.
+
+        Example: %dspool limit openai/gpt-4o-mini rpm=500 tpm=200000
+        Example: %dspool limit --budget max_cost=5
+        """
+        pool = current_pool()
+        if pool is None:
+            raise UsageError(
+                "no pool is running: start one (and configure its LM with %dspool lm) first"
+            )
+        if args.budget:
+            if args.model is not None:
+                args.settings.insert(0, args.model)
+            self._set_budget(pool, args.settings, args.off)
+            return
+        if args.model is None:
+            if args.off or args.settings:
+                raise UsageError(f"%dspool limit needs MODEL; usage: {SYNTAX['limit']}")
+            sys.stdout.write(limits_text(pool) + "\n")
+            return
+        if _KEY_RE.match(args.model):
+            raise UsageError(
+                f"%dspool limit needs MODEL before {args.model!r}, e.g. "
+                f"%dspool limit openai/gpt-4o-mini {args.model}"
+            )
+        try:
+            check_model(args.model)
+        except ValueError as exc:
+            raise UsageError(f"%dspool limit: {exc}") from None
+        values = _settings(args.settings, LIMIT_KEYS, f"%dspool limit {args.model}")
+        if args.off and values:
+            raise UsageError("%dspool limit MODEL --off takes no rpm=/tpm=")
+        if not args.off and not values:
+            raise UsageError(
+                f"give rpm=N and/or tpm=N for {args.model!r} (or --off to remove its limit)"
+            )
+        try:
+            pool.set_rate_limit(
+                args.model,
+                rpm=values.get("rpm"),
+                tpm=values.get("tpm"),
+                plain=args.plain or args.off,  # removing a limit needs no LM
+            )
+        except (ValueError, DspoolError) as exc:
+            raise UsageError(f"cannot limit {args.model!r}: {exc}") from None
+        if args.off:
+            sys.stdout.write(f"dspool: no limit on {args.model!r}\n")
+            return
+        what = ", ".join(
+            f"{_number(values[key])} {unit}"
+            for key, unit in (("rpm", "requests/min"), ("tpm", "tokens/min"))
+            if key in values
+        )
+        sys.stdout.write(f"dspool: {args.model!r} limited to {what} across every worker\n")
+
+    def _set_budget(self, pool: Pool, settings: list[str], off: bool) -> None:
+        values = _settings(settings, BUDGET_KEYS, "%dspool limit --budget")
+        if off and values:
+            raise UsageError("%dspool limit --budget --off takes no max_cost=/max_tokens=")
+        if not off and not values:
+            raise UsageError("give max_cost=DOLLARS and/or max_tokens=N (or --off)")
+        try:
+            pool.set_budget(max_cost=values.get("max_cost"), max_tokens=values.get("max_tokens"))
+        except (ValueError, DspoolError) as exc:
+            raise UsageError(f"cannot set the budget: {exc}") from None
+        if off:
+            sys.stdout.write("dspool: no budget\n")
+            return
+        parts = []
+        if "max_cost" in values:
+            parts.append(cost_text(float(values["max_cost"])))
+        if "max_tokens" in values:
+            parts.append(f"{_number(values['max_tokens'])} tokens")
+        sys.stdout.write(
+            f"dspool: budget {' or '.join(parts)}; once spent, LM requests fail at once\n"
+        )
+
+    @_subcommand(
+        "dspool usage",
+        _arg("--out", metavar="VAR", type=_identifier, help="store the UsageReport in VAR"),
+    )
+    def handle_usage(self, args: argparse.Namespace, cell: str | None) -> None:
+        """Show the pool's LM requests, tokens, cost and 429s: the totals, then per model,
+        program and session (pool.usage()); the budget's spend when one is set.
+
+        Example: %dspool usage --out spent
+        """
+        pool = current_pool()
+        if pool is None:
+            sys.stdout.write("dspool: no pool is running\n")
+            return
+        report = pool.usage()
+        if args.out:
+            self.user_ns[args.out] = report
+        lines = [report.table()]
+        if not report.requests and not report.rate_limited:
+            lines.append("(no LM request yet)")
+        budget = budget_text(pool.limits.snapshot().budget)
+        if budget:
+            lines.append(budget)
+        sys.stdout.write("\n".join(lines) + "\n")
 
     @_subcommand(
         "dspool journals",
@@ -1092,6 +1361,44 @@ def _map_summary(result: MapResult, total: int, journal: str | None) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def _number(value: float) -> str:
+    return f"{value:,.10g}"
+
+
+def _settings(tokens: list[str], keys: tuple[str, ...], where: str) -> dict[str, Any]:
+    """``key=value`` tokens of ``limit``: each key one of ``keys``, each value a literal."""
+    values: dict[str, Any] = {}
+    allowed = " and ".join(f"{k}=N" for k in keys)
+    for token in tokens:
+        match = _KEY_RE.match(token)
+        if match is None:
+            raise UsageError(f"{where}: {token!r} is not key=value; it takes {allowed}")
+        key, text = match.groups()
+        if key not in keys:
+            raise UsageError(f"{where}: unknown setting {key!r}; it takes {allowed}")
+        if key in values:
+            raise UsageError(f"{where}: {key} is given twice")
+        value = parse_value(text)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{where}: {key} must be a positive number, got {text!r}")
+        if key == "max_tokens" and not isinstance(value, int):
+            raise UsageError(f"{where}: max_tokens must be a whole number, got {text!r}")
+        values[key] = value
+    return values
+
+
+def limits_text(pool: Pool) -> str:
+    """What ``%dspool limit`` without arguments shows: each model's limit and rates."""
+    snapshot = pool.limits.snapshot()
+    lines = [model_line(m) for m in snapshot.models]
+    if not lines:
+        lines.append("no rate limit set (%dspool limit MODEL rpm=N tpm=N sets one)")
+    budget = budget_text(snapshot.budget)
+    lines.append(budget or "no budget (%dspool limit --budget max_cost=D sets one)")
+    return "\n".join(lines)
+
+
 def _age(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -1116,7 +1423,7 @@ def _size(size: int) -> str:
 _OVERVIEW = """Run programs on the kernel's pool of worker processes.
 
     %dspool start [--workers N] [--store PATH] [--preload mod1,mod2] [--timeout S]
-                  [--dask ADDRESS]
+                  [--dask ADDRESS] [--replace]
     %%dspool program NAME [--session S] [--entry FUNC]     (cell: Python source)
     %%dspool signature NAME [--module Predict|ChainOfThought] [--session S]
     %dspool run NAME [key=value ...] [--session S] [--timeout S] [--bg] [--out VAR]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import importlib
 import os
 import signal
@@ -498,8 +499,24 @@ class Pool:
 
         From the moment ``close()`` starts, the snapshot is 'closed' with no workers:
         they are being stopped, not serving.
+
+        ``preload``, ``preload_started_at`` and ``preload_seconds`` come from the local
+        backend's template: when it started (wall clock) and how long until it had
+        imported the preloads and said it was ready (from the kernel's side, so the
+        interpreter's own start counts too); a restart of the pool or of the template
+        starts them again. The Dask backend leaves the two times None (its workers
+        import the preloads in their hello task, each on its own).
         """
-        return self._dispatcher.status(closing=self._closing)
+        status = self._dispatcher.status(closing=self._closing)
+        if not self.preload:
+            return status
+        started_at, seconds = getattr(self._backend, "preload_times", (None, None))
+        return dataclasses.replace(
+            status,
+            preload=tuple(self.preload),
+            preload_started_at=started_at,
+            preload_seconds=seconds,
+        )
 
     def restart_worker(self, worker_id: str) -> None:
         """Kill ``worker_id`` and start a replacement; its running calls get WorkerCrashed."""

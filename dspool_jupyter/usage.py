@@ -42,9 +42,13 @@ __all__ = [
     "ModelSnapshot",
     "Usage",
     "UsageReport",
+    "budget_text",
+    "cost_text",
     "known_providers",
+    "model_line",
     "price_of",
     "price_table",
+    "usage_line",
 ]
 
 Labels = Callable[[int | None, str | None], tuple[str | None, str | None]]
@@ -109,8 +113,12 @@ class Usage:
         return Usage(**asdict(self))
 
 
-def _cost_text(cost: float | None) -> str:
-    return "n/a" if cost is None else f"${cost:.4f}"
+def cost_text(cost: float | None) -> str:
+    """Dollars as text: cents above a dollar, six decimals below (a cheap request costs
+    a few millionths of a dollar, which four decimals would show as $0.0000)."""
+    if cost is None:
+        return "n/a"
+    return f"${cost:,.2f}" if cost >= 1 else f"${cost:.6f}"
 
 
 @dataclass(frozen=True)
@@ -166,7 +174,7 @@ class UsageReport:
         def line(label: str, usage: Usage) -> None:
             lines.append(
                 f"{label[:28]:<28} {usage.requests:>9} {usage.prompt_tokens:>10} "
-                f"{usage.completion_tokens:>11} {_cost_text(usage.cost):>10} "
+                f"{usage.completion_tokens:>11} {cost_text(usage.cost):>10} "
                 f"{usage.rate_limited:>6}"
             )
 
@@ -225,6 +233,64 @@ class LimitsSnapshot:
             "budget": asdict(self.budget),
             "usage": self.usage.as_dict(),
         }
+
+    def lines(self) -> list[str]:
+        """What the status widget shows: one line per model, the usage, the budget.
+
+        Empty when nothing is limited, budgeted or spent, so a pool without an LM shows
+        nothing of it.
+        """
+        lines = [model_line(m) for m in self.models]
+        total = self.usage.total
+        if total.requests or total.rate_limited:
+            lines.append(usage_line(total))
+        budget = budget_text(self.budget)
+        if budget:
+            lines.append(budget)
+        return lines
+
+
+def _number(value: float) -> str:
+    return f"{value:,.10g}"
+
+
+def model_line(model: ModelSnapshot) -> str:
+    """One model: ``openai/gpt-4o-mini: 57/60 rpm, 9,000/10,000 tpm, 3 in flight, 0 429s``.
+
+    Achieved rates are over the last minute, against the limit set (or "no limit").
+    """
+    if model.rpm:
+        parts = [f"{model.achieved_rpm:.0f}/{_number(model.rpm)} rpm"]
+    else:
+        parts = [f"{model.achieved_rpm:.0f} rpm (no limit)"]
+    if model.tpm:
+        parts.append(f"{model.achieved_tpm:,.0f}/{_number(model.tpm)} tpm")
+    parts.append(f"{model.in_flight} in flight")
+    parts.append(f"{model.rate_limited} 429s")
+    if model.paused_for > 0:
+        parts.append(f"paused {model.paused_for:.1f} s")
+    return f"{model.model}: {', '.join(parts)}"
+
+
+def usage_line(total: Usage) -> str:
+    """``LM usage: 12 requests, 3,400 tokens (3,000 prompt), $0.001200, 0 429s``."""
+    return (
+        f"LM usage: {total.requests:,} requests, {total.total_tokens:,} tokens "
+        f"({total.prompt_tokens:,} prompt), {cost_text(total.cost)}, {total.rate_limited} 429s"
+    )
+
+
+def budget_text(budget: BudgetSnapshot) -> str:
+    """``budget: $0.012000 of $5.00 spent`` (and tokens), or '' when no budget is set."""
+    parts = []
+    if budget.max_cost is not None:
+        parts.append(f"{cost_text(budget.spent_cost)} of {cost_text(budget.max_cost)}")
+    if budget.max_tokens is not None:
+        parts.append(f"{budget.spent_tokens:,} of {budget.max_tokens:,} tokens")
+    if not parts:
+        return ""
+    text = f"budget: {' and '.join(parts)} spent"
+    return text + " (exhausted: LM requests fail at once)" if budget.exhausted else text
 
 
 # ------------------------------------------------------------------------- prices

@@ -8,16 +8,31 @@ pure functions :func:`render_html` / :func:`render_text` and the widgets only re
 :class:`StatusView` shows one pool:
 
 - a start-up progress bar (workers ready / target) coloured by the pool's state;
-- one row per worker: id, pid, state as colour, calls, errors, memory, heartbeat age
-  and the program it runs, with a button that restarts it; a worker that died stays
-  listed in red for :data:`DEAD_ROW_SECONDS` with how it died;
-- the recent failed calls (program, worker, error line, the traceback in an expandable
-  ``<details>``), and a button that restarts the pool.
+- a headline with one meaning per word, the same as the lab panel's and status bar's:
+  ``calls`` every call that ended, split into ``done``, ``failed`` and ``cancelled``;
+  ``in flight`` calls running now out of the ``slots`` the ready workers have;
+  ``queued`` calls waiting for a slot; while the template imports the preloads, what it
+  imports and for how long so far;
+- the provider limits when the pool has any (:mod:`dspool_jupyter.limits`): per model
+  the achieved requests/min and tokens/min against its limit, in flight and 429s seen;
+  the LM usage so far (requests, tokens, cost) and the budget's spend;
+- one row per worker: id, pid, state as colour, slots in use (``3/16``), calls, errors,
+  memory, heartbeat age and the program it runs, with a button that restarts it; a
+  worker that left stays listed for :data:`DEAD_ROW_SECONDS` with how it left (red
+  when it died), as in the lab panel (:class:`dspool_jupyter.status.Departures`);
+- the recent failed calls (program, worker, what went wrong; the traceback in an
+  expandable ``<details>``, or for a crash or timeout the exit code, signal or
+  timeout), and a button that restarts the pool after asking (disabled once the pool
+  is closed).
+
+Colours: one per state (:data:`STATE_COLOURS`), the same in the lab extension
+(``labextension/style/base.css`` defines them as ``--dspool-state-*``).
 
 Updates are live and throttled. The view subscribes to the pool's events; an event only
 marks the view dirty (the callback runs on the pool's dispatcher thread and never
-waits), and a refresher thread of the view takes a snapshot and re-renders at most once
-every ``interval`` seconds (default :data:`DEFAULT_INTERVAL`), or after
+waits; :class:`dspool_jupyter.throttle.Throttle`, shared with the lab comm), and a
+refresher thread of the view takes a snapshot and re-renders at most once every
+``interval`` seconds (default :data:`DEFAULT_INTERVAL`), or after
 :data:`URGENT_INTERVAL` for the events a user must see at once (a worker died, a call
 failed, the pool became ready or closed), never once per event. With no events it still
 refreshes every :data:`IDLE_REFRESH` seconds so heartbeat ages stay true. Widgets only
@@ -38,32 +53,47 @@ import html
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from .errors import DspoolError, describe_returncode
-from .events import WorkerDied
-from .status import FailedCall, PoolStatus
+from .errors import DspoolError
+from .status import (
+    DEPARTED_SECONDS,
+    Departed,
+    Departures,
+    FailedCall,
+    PoolStatus,
+    PoolView,
+    limits_of,
+)
+from .throttle import URGENT_EVENTS, Throttle
 
 if TYPE_CHECKING:
     from .events import Event
+    from .usage import LimitsSnapshot
 
 __all__ = [
     "DEAD_ROW_SECONDS",
     "DEFAULT_INTERVAL",
     "IDLE_REFRESH",
+    "LIMITS_REFRESH",
     "STATE_COLOURS",
+    "URGENT_EVENTS",
     "URGENT_INTERVAL",
     "FailuresView",
     "StatusView",
     "ViewModel",
     "WorkerRow",
     "build_model",
+    "counts_text",
+    "failure_line",
     "render_failures_html",
     "render_failures_text",
     "render_html",
+    "render_limits_html",
     "render_text",
+    "starting_text",
     "summary_text",
 ]
 
@@ -72,29 +102,30 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 0.25  # seconds between refreshes while events arrive (4 a second at most)
 URGENT_INTERVAL = 0.05  # seconds: a death, a failed call, ready or closed shows this fast
 IDLE_REFRESH = 1.0  # seconds between refreshes when no event came (heartbeat ages, memory)
-DEAD_ROW_SECONDS = 15.0  # seconds a dead worker's row stays in the table
+DEAD_ROW_SECONDS = DEPARTED_SECONDS  # seconds a departed worker's row stays in the table
 SHOWN_FAILURES = 10  # recent failed calls listed, newest first
-URGENT_EVENTS = frozenset(
-    {"worker_died", "worker_replaced", "call_failed", "pool_ready", "pool_closed"}
-)
+LIMITS_REFRESH = 1.0  # seconds between snapshots of the provider limits (per-minute rates)
 
+# One colour per state word, pool and worker alike; labextension/style/base.css has the
+# same values (tests/test_widget.py checks), so the widget, panel and status bar agree.
 STATE_COLOURS = {
-    "healthy": "#2e7d32",  # the pool's states
-    "degraded": "#ef6c00",
-    "closed": "#757575",
-    "idle": "#2e7d32",  # green
-    "busy": "#1565c0",  # blue
-    "starting": "#ef6c00",  # orange
+    "starting": "#1565c0",  # blue
+    "healthy": "#2e7d32",  # green
+    "idle": "#2e7d32",
+    "busy": "#00838f",  # teal
+    "degraded": "#ef6c00",  # orange
     "stopping": "#ef6c00",
-    "stopped": "#757575",  # grey: restarted on purpose
     "dead": "#c62828",  # red
+    "closed": "#757575",  # grey
+    "stopped": "#757575",
 }
-POOL_BAR_STYLES = {"starting": "info", "healthy": "success", "degraded": "warning"}
+ERROR_COLOUR = STATE_COLOURS["dead"]
 COLUMNS = (  # (title, width in characters) of the worker table
     ("worker", 7),
     ("pid", 8),
     ("state", 9),
-    ("calls", 8),
+    ("slots", 7),
+    ("calls", 7),
     ("errors", 7),
     ("memory", 10),
     ("heartbeat", 11),
@@ -102,30 +133,16 @@ COLUMNS = (  # (title, width in characters) of the worker table
 )
 
 
-class PoolLike(Protocol):
-    """The part of :class:`dspool_jupyter.pool.Pool` the view uses."""
-
-    @property
-    def closed(self) -> bool: ...
-
-    @property
-    def target(self) -> int: ...
-
-    def status(self) -> PoolStatus: ...
-
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]: ...
-
-    def restart_worker(self, worker_id: str) -> None: ...
-
-    def restart(self) -> None: ...
-
-
 # ----------------------------------------------------------------------------- model
 
 
 @dataclass(frozen=True)
 class WorkerRow:
-    """One row of the worker table; ``state`` adds 'dead' and 'stopped' to the pool's."""
+    """One row of the worker table; ``state`` adds 'dead' and 'stopped' to the pool's.
+
+    ``calls`` ended on this worker, ``errors`` of them in an error; ``active`` calls run
+    on it now out of its ``slots``.
+    """
 
     id: str
     pid: int | None
@@ -136,11 +153,13 @@ class WorkerRow:
     heartbeat_age: float | None  # seconds since the last heartbeat
     program: str | None
     note: str = ""
+    active: int = 0
+    slots: int = 1
 
 
 @dataclass(frozen=True)
 class ViewModel:
-    """What the view shows: a snapshot plus the workers that died recently."""
+    """What the view shows: a snapshot plus the workers that left recently."""
 
     state: str
     target: int
@@ -153,22 +172,31 @@ class ViewModel:
     running: int
     last_error: str | None
     failures: tuple[FailedCall, ...]  # newest first, at most SHOWN_FAILURES
+    done: int = 0
+    cancelled: int = 0
+    slots: int = 0
+    starting: str = ""  # what the start-up is doing, when it says more than the count
+    died_recently: int = 0  # workers that died within DEAD_ROW_SECONDS
+    limits: tuple[str, ...] = ()  # LimitsSnapshot.lines(): limits, usage, budget
 
 
-@dataclass(frozen=True)
-class Departed:
-    """A worker that left the snapshot: its last row, when it left, and how (if known)."""
-
-    row: WorkerRow
-    since: float  # monotonic seconds
-    reason: str | None = None
-    returncode: int | None = None
+def starting_text(status: PoolStatus, now: float | None = None) -> str:
+    """What a start is doing beyond the ready count (the preload import), or ''."""
+    if not status.importing or status.preload_started_at is None:
+        return ""
+    now = time.time() if now is None else now
+    so_far = max(0.0, now - status.preload_started_at)
+    return f"importing {', '.join(status.preload)} in the template ({so_far:.0f} s so far)"
 
 
 def build_model(
-    status: PoolStatus, departed: Mapping[str, Departed] = {}, now: float | None = None
+    status: PoolStatus,
+    departed: Iterable[Departed] = (),
+    now: float | None = None,
+    limits: LimitsSnapshot | None = None,
 ) -> ViewModel:
-    """Turn a snapshot (and the recently departed workers) into what the view shows."""
+    """Turn a snapshot (the recently departed workers, the provider limits' snapshot)
+    into what the view shows."""
     now = time.time() if now is None else now
     rows = [
         WorkerRow(
@@ -180,35 +208,30 @@ def build_model(
             rss_bytes=w.rss_bytes,
             heartbeat_age=None if w.last_heartbeat is None else max(0.0, now - w.last_heartbeat),
             program=w.program,
+            # today's pool leaves ``active`` at 0: a busy worker of one slot runs one call
+            active=w.active or int(w.state == "busy"),
+            slots=w.slots,
         )
         for w in status.workers
     ]
-    for gone in departed.values():
-        if status.state == "closed":
-            state, note = "stopped", "pool closed"
-        elif gone.reason == "restart":
-            state, note = "stopped", "restarted"
-        elif gone.reason == "close":
-            state, note = "stopped", "pool closed"
-        else:
-            state = "dead"
-            if gone.reason in ("timeout", "cancel"):
-                note = f"killed ({gone.reason})"
-            elif gone.returncode is not None:
-                note = describe_returncode(gone.returncode)
-            else:
-                note = "died"
+    # today's pool leaves ``slots`` at 0: the ready workers' slots are the same number
+    slots = status.slots or sum(w.slots for w in status.workers if w.state in ("idle", "busy"))
+    died = 0
+    for gone in departed:
+        died += gone.state == "dead"
         rows.append(
             WorkerRow(
-                id=gone.row.id,
-                pid=gone.row.pid,
-                state=state,
-                calls=gone.row.calls,
-                errors=gone.row.errors,
+                id=gone.worker.id,
+                pid=gone.worker.pid,
+                state=gone.state,
+                calls=gone.worker.calls,
+                errors=gone.worker.errors,
                 rss_bytes=None,
                 heartbeat_age=None,
                 program=None,
-                note=note,
+                note=gone.note,
+                active=0,
+                slots=gone.worker.slots,
             )
         )
     rows.sort(key=_worker_order)
@@ -224,6 +247,12 @@ def build_model(
         running=status.running,
         last_error=status.last_error,
         failures=tuple(reversed(status.recent_failures[-SHOWN_FAILURES:])),
+        done=status.done,
+        cancelled=status.cancelled,
+        slots=slots,
+        starting=starting_text(status, now),
+        died_recently=died,
+        limits=tuple(limits.lines()) if limits is not None else (),
     )
 
 
@@ -259,10 +288,12 @@ def _age(seconds: float | None) -> str:
 
 
 def _cells(row: WorkerRow) -> list[str]:
+    live = row.state not in ("dead", "stopped")
     return [
         row.id,
         "-" if row.pid is None else str(row.pid),
         row.state,
+        f"{row.active}/{row.slots}" if live else "-",
         str(row.calls),
         str(row.errors),
         _bytes(row.rss_bytes),
@@ -271,13 +302,29 @@ def _cells(row: WorkerRow) -> list[str]:
     ]
 
 
-def _headline(model: ViewModel) -> str:
-    text = (
-        f"{model.state}, {model.ready_count}/{model.target} workers ready, "
-        f"{model.calls} calls, {model.failed} failed, {model.replaced} replaced, "
-        f"{model.running} running, {model.queued} queued"
+def counts_text(model: ViewModel) -> str:
+    """The headline after the state: readiness, in flight, queued, calls and how they ended.
+
+    The words are the lab panel's and status bar's: ``in flight`` calls running now out of
+    ``slots``; ``calls`` every call that ended, = ``done`` + ``failed`` + ``cancelled``.
+    """
+    parts = [f"{model.ready_count}/{model.target} workers ready"]
+    if model.starting:
+        parts.append(model.starting)
+    parts.append(f"{model.running}/{model.slots} slots in flight")
+    parts.append(f"{model.queued} queued")
+    parts.append(
+        f"{model.calls} calls: {model.done} done, {model.failed} failed, "
+        f"{model.cancelled} cancelled"
     )
-    return text
+    parts.append(f"{model.replaced} replaced")
+    if model.died_recently:
+        parts.append(f"{model.died_recently} died just now")
+    return ", ".join(parts)
+
+
+def _headline(model: ViewModel) -> str:
+    return f"{model.state}, {counts_text(model)}"
 
 
 def render_text(model: ViewModel | None) -> str:
@@ -287,20 +334,32 @@ def render_text(model: ViewModel | None) -> str:
     lines = [f"dspool pool: {_headline(model)}"]
     if model.last_error:
         lines.append(f"last error: {model.last_error}")
+    lines.extend(model.limits)
     table = [[title for title, _ in COLUMNS], *(_cells(r) for r in model.rows)]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     for row in table:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     if model.failures:
         lines.append("recent failed calls (newest first):")
-        lines.extend(f"  {_failure_line(f)}" for f in model.failures)
+        lines.extend(f"  {failure_line(f)}" for f in model.failures)
     return "\n".join(lines)
 
 
-def _failure_line(failure: FailedCall) -> str:
-    where = f" on {failure.worker_id}" if failure.worker_id else ""
+def _detail(failure: FailedCall) -> str:
+    """What went wrong, without the program and worker the line already names."""
+    if failure.detail:
+        return failure.detail
     message = failure.message.splitlines()[0] if failure.message else ""
-    return f"{failure.program}{where}: {failure.error}: {message}"
+    return f"{failure.error}: {message}" if message else failure.error
+
+
+def failure_line(failure: FailedCall) -> str:
+    """One failed call on one line: ``parse on w2: ValueError: x``."""
+    where = f" on {failure.worker_id}" if failure.worker_id else ""
+    detail = _detail(failure).splitlines()[0] if _detail(failure) else failure.error
+    if failure.traceback or failure.error == "ProgramError":
+        return f"{failure.program}{where}: {detail}"
+    return f"{failure.program}{where}: {failure.error}: {detail}"
 
 
 def _state_badge(state: str, worker_id: str = "") -> str:
@@ -330,32 +389,54 @@ def _head_html() -> str:
     return f'<div style="{_ROW_STYLE};font-weight:bold">{html.escape(titles)}</div>'
 
 
+def render_limits_html(lines: tuple[str, ...]) -> str:
+    """The provider limits, usage and budget lines ('' when there are none)."""
+    if not lines:
+        return ""
+    items = "".join(f"<div>{html.escape(line)}</div>" for line in lines)
+    return f'<div class="dspool-limits" style="font-family:monospace">{items}</div>'
+
+
 def _headline_html(model: ViewModel) -> str:
     error = ""
     if model.last_error:
         error = (
-            f'<br><span style="color:#c62828">last error: {html.escape(model.last_error)}</span>'
+            f'<br><span style="color:{ERROR_COLOUR}">last error: '
+            f"{html.escape(model.last_error)}</span>"
         )
     return (
-        f"<b>dspool pool</b> {_state_badge(model.state)} "
-        f"{html.escape(_headline(model).split(', ', 1)[1])}{error}"
+        f'<span class="dspool-headline"><b>dspool pool</b> {_state_badge(model.state)} '
+        f"{html.escape(counts_text(model))}{error}</span>"
     )
 
 
+_FAILURE_STYLE = f"color:{ERROR_COLOUR};margin:0;line-height:1.3;overflow-wrap:anywhere"
+_TRACEBACK_STYLE = (
+    "font-size:90%;margin:2px 0 4px 1em;white-space:pre-wrap;overflow-wrap:anywhere;"
+    "line-height:1.25"
+)
+
+
 def render_failures_html(failures: tuple[FailedCall, ...] | list[FailedCall]) -> str:
-    """Failed calls as a list; each traceback is in an expandable ``<details>``."""
+    """Failed calls as a list; a traceback is in an expandable ``<details>``.
+
+    A crash or a timeout has no traceback: its line says the exit code, signal or
+    timeout instead, with nothing to expand.
+    """
     if not failures:
         return '<div style="color:#757575">no failed calls</div>'
     items = []
     for failure in failures:
-        line = html.escape(_failure_line(failure))
+        line = html.escape(failure_line(failure))
         if failure.traceback:
             items.append(
-                f'<details class="dspool-failure"><summary style="color:#c62828">{line}</summary>'
-                f'<pre style="font-size:90%">{html.escape(failure.traceback)}</pre></details>'
+                f'<details class="dspool-failure" style="margin:0">'
+                f'<summary style="{_FAILURE_STYLE}">{line}</summary>'
+                f'<pre style="{_TRACEBACK_STYLE}">{html.escape(failure.traceback)}</pre>'
+                "</details>"
             )
         else:
-            items.append(f'<div class="dspool-failure" style="color:#c62828">{line}</div>')
+            items.append(f'<div class="dspool-failure" style="{_FAILURE_STYLE}">{line}</div>')
     return "<div><b>recent failed calls</b> (newest first)" + "".join(items) + "</div>"
 
 
@@ -365,7 +446,7 @@ def render_failures_text(failures: tuple[FailedCall, ...] | list[FailedCall]) ->
         return "no failed calls"
     parts = []
     for failure in failures:
-        parts.append(_failure_line(failure))
+        parts.append(failure_line(failure))
         if failure.traceback:
             parts.append("    " + failure.traceback.rstrip("\n").replace("\n", "\n    "))
     return "\n".join(parts)
@@ -377,11 +458,13 @@ def render_html(model: ViewModel | None) -> str:
         return f"<div>{html.escape(summary_text(None))}</div>"
     percent = 100 * min(model.ready_count, model.target) // max(model.target, 1)
     rows = "".join(_row_html(r) for r in model.rows)
+    colour = STATE_COLOURS.get(model.state, "#757575")
     return (
         f'<div class="dspool-status">{_headline_html(model)}'
         f'<div><progress value="{model.ready_count}" max="{model.target}" '
-        f'style="width:20em"></progress> {model.ready_count}/{model.target} ready '
-        f"({percent} %)</div>"
+        f'style="width:20em;accent-color:{colour}"></progress> '
+        f"{model.ready_count}/{model.target} ready ({percent} %)</div>"
+        f"{render_limits_html(model.limits)}"
         f"{_head_html()}{rows}{render_failures_html(model.failures)}</div>"
     )
 
@@ -427,6 +510,17 @@ def _in_kernel() -> bool:
     return getattr(get_ipython(), "kernel", None) is not None
 
 
+@dataclass
+class _Pending:
+    """A restart asked for from the widget: its note stays until the restart is over."""
+
+    what: str  # "w3" or "pool"
+    workers: frozenset[str]  # the workers it replaces
+
+
+_BUTTON_WIDTH = "90px"  # a row's restart button; the table head is indented as much
+
+
 class StatusView:
     """A live view of ``pool``: a widget in a Jupyter kernel, HTML or text elsewhere.
 
@@ -439,7 +533,7 @@ class StatusView:
 
     def __init__(
         self,
-        pool: PoolLike,
+        pool: PoolView,
         *,
         interval: float = DEFAULT_INTERVAL,
         widgets: bool | None = None,
@@ -447,29 +541,36 @@ class StatusView:
         if not interval > 0:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
         self.pool = pool
-        self.interval = interval
         self.renders = 0
         self.render_seconds = 0.0
         self.model: ViewModel | None = None
         self._widgets_wanted = widgets
-        self._cond = threading.Condition()
-        self._dirty = False
-        self._urgent = False
-        self._stopped = False
+        self._throttle = Throttle(interval, URGENT_INTERVAL, idle=IDLE_REFRESH)
         self._thread: threading.Thread | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._render_lock = threading.Lock()
-        self._last_render = float("-inf")  # monotonic
-        self._seen: dict[str, WorkerRow] = {}
-        self._departed: dict[str, Departed] = {}
-        self._deaths: dict[str, tuple[str, int | None]] = {}  # from WorkerDied events
+        self._departures = Departures(DEAD_ROW_SECONDS)
         self._handles: list[Any] = []  # display handles of the HTML fallback
         self._box: Any = None
         self._parts: dict[str, Any] = {}
         self._rows: dict[str, tuple[Any, Any, Any]] = {}  # worker id -> (row, html, button)
         self._failure_ids: tuple[int, ...] | None = None
+        self._pending: list[_Pending] = []
+        self._limits: LimitsSnapshot | None = None
+        self._limits_at: float | None = None  # monotonic time of that limits snapshot
 
     # -- public
+    @property
+    def interval(self) -> float:
+        """Seconds between refreshes while events arrive."""
+        return self._throttle.interval
+
+    @interval.setter
+    def interval(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"interval must be a positive number of seconds, got {value!r}")
+        self._throttle.interval = value
+
     @property
     def uses_widgets(self) -> bool:
         """Whether this view renders as ipywidgets."""
@@ -486,8 +587,9 @@ class StatusView:
         return self._build()
 
     def show(self) -> None:
-        """Display the view: the widget, a live HTML table, or (no kernel) the text table."""
+        """Display the view as of now: the widget, a live HTML table, or the text table."""
         self._ensure_live()
+        self.refresh()
         if self.uses_widgets:
             _display(self)
         elif _in_kernel():
@@ -509,7 +611,7 @@ class StatusView:
                 self._apply(model)
             handles = list(self._handles)
             self.renders += 1
-            self._last_render = time.monotonic()
+            self._throttle.acted()
         for handle in handles:
             try:
                 handle.update(self)
@@ -520,16 +622,11 @@ class StatusView:
 
     def request_refresh(self, urgent: bool = False) -> None:
         """Ask for a refresh within the throttle interval (``urgent``: at once)."""
-        with self._cond:
-            self._dirty = True
-            self._urgent = self._urgent or urgent
-            self._cond.notify()
+        self._throttle.mark(urgent)
 
     def close(self) -> None:
         """Stop following the pool (the view keeps showing its last state)."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
+        self._throttle.stop()
         self._unfollow()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -557,8 +654,8 @@ class StatusView:
 
     # -- following the pool
     def _ensure_live(self) -> None:
-        with self._cond:
-            if self._thread is not None or self._stopped:
+        with self._throttle.cond:
+            if self._thread is not None or self._throttle.stopped:
                 return
             self._unsubscribe = self.pool.subscribe(self._on_event)
             self._thread = threading.Thread(
@@ -574,63 +671,40 @@ class StatusView:
 
     def _on_event(self, event: Event) -> None:
         """Pool dispatcher thread: note the change and return; never render here."""
-        kind = event.kind
-        if kind in URGENT_EVENTS:
-            if isinstance(event, WorkerDied):
-                self._deaths[event.worker_id] = (event.reason, event.returncode)
-            with self._cond:
-                self._dirty = self._urgent = True
-                self._cond.notify()
-        elif not self._dirty:  # read without the lock: a missed wake-up is covered below
-            with self._cond:
-                self._dirty = True
-                self._cond.notify()
+        if event.kind in URGENT_EVENTS:
+            self._departures.on_event(event)
+            self._throttle.mark(urgent=True)
+        elif not self._throttle.dirty:  # read without the lock: a missed mark is re-marked
+            self._throttle.mark()
 
     def _run(self) -> None:
+        warned = False
         try:
-            while True:
-                with self._cond:
-                    idle_until = time.monotonic() + IDLE_REFRESH
-                    while not (self._dirty or self._stopped):
-                        remaining = idle_until - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._cond.wait(remaining)
-                    while not self._stopped:
-                        gap = URGENT_INTERVAL if self._urgent else self.interval
-                        remaining = self._last_render + gap - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._cond.wait(remaining)
-                    if self._stopped:
-                        return
-                    # Cleared before the snapshot: an event after this point marks it again.
-                    self._dirty = self._urgent = False
-                self.refresh()
+            while self._throttle.wait():
+                try:
+                    self.refresh()
+                except Exception:
+                    # One failed snapshot must not freeze the live view: try again after
+                    # the interval (said once, so a lasting fault does not flood the log).
+                    (log.debug if warned else log.warning)(
+                        "dspool status view: a refresh failed; retrying", exc_info=True
+                    )
+                    warned = True
+                    self._throttle.acted()
+                    self._throttle.mark()
+                    continue
                 if self.pool.closed and self.model is not None and self.model.state == "closed":
                     return
-        except Exception:
-            log.exception("dspool status view stopped")
         finally:
             self._unfollow()
 
     def _snapshot(self) -> ViewModel:
         status = self.pool.status()
-        mono = time.monotonic()
-        current = {w.id for w in status.workers}
-        for worker_id, row in self._seen.items():
-            if worker_id not in current and worker_id not in self._departed:
-                self._departed[worker_id] = Departed(row=row, since=mono)
-        for worker_id, gone in list(self._departed.items()):
-            if mono - gone.since > DEAD_ROW_SECONDS:
-                del self._departed[worker_id]
-                self._deaths.pop(worker_id, None)
-            elif gone.reason is None and worker_id in self._deaths:
-                reason, returncode = self._deaths[worker_id]
-                self._departed[worker_id] = Departed(gone.row, gone.since, reason, returncode)
-        model = build_model(status, self._departed)
-        self._seen = {r.id: r for r in model.rows if r.id in current}
-        return model
+        now = time.monotonic()
+        # the limits' rates are per-minute averages: one snapshot a second is plenty
+        if self._limits_at is None or now - self._limits_at >= LIMITS_REFRESH:
+            self._limits, self._limits_at = limits_of(self.pool), now
+        return build_model(status, self._departures.update(status), limits=self._limits)
 
     # -- widgets (built lazily, only touched under the render lock or when building)
     def _build(self) -> Any:
@@ -640,32 +714,44 @@ class StatusView:
             w = _ipywidgets()
             parts = self._parts
             parts["headline"] = w.HTML()
-            parts["progress"] = w.IntProgress(
-                min=0, max=max(self.pool.target, 1), description="ready", bar_style="info"
-            )
+            parts["progress"] = w.IntProgress(min=0, max=max(self.pool.target, 1))
             parts["progress_label"] = w.Label()
-            parts["head"] = w.HTML(_head_html())
+            parts["limits"] = w.HTML()
+            parts["head"] = w.HBox(
+                [w.Box(layout=w.Layout(width=_BUTTON_WIDTH, flex="0 0 auto")), w.HTML(_head_html())]
+            )
             parts["rows"] = w.VBox()
             parts["failures"] = w.HTML()
             restart = w.Button(
                 description="Restart pool",
                 icon="refresh",
                 button_style="warning",
-                tooltip="replace every worker (running calls fail with WorkerCrashed)",
+                tooltip="replace every worker (asks first)",
             )
-            restart.on_click(lambda _button: self._restart_pool())
-            parts["restart"] = restart
+            restart.on_click(lambda _button: self._ask_restart_pool())
+            confirm = w.Button(
+                description="Restart every worker",
+                button_style="danger",
+                tooltip="replace every worker now (running calls fail with WorkerCrashed)",
+                layout=w.Layout(display="none", width="auto"),
+            )
+            confirm.on_click(lambda _button: self._restart_pool())
+            cancel = w.Button(description="Cancel", layout=w.Layout(display="none", width="auto"))
+            cancel.on_click(lambda _button: self._confirming(False))
+            parts["restart"], parts["confirm"], parts["cancel"] = restart, confirm, cancel
             parts["message"] = w.HTML()
             self._box = w.VBox(
                 [
                     parts["headline"],
                     w.HBox([parts["progress"], parts["progress_label"]]),
+                    parts["limits"],
                     parts["head"],
                     parts["rows"],
                     parts["failures"],
-                    w.HBox([restart, parts["message"]]),
+                    w.HBox([restart, confirm, cancel, parts["message"]]),
                 ]
             )
+            self._box.add_class("dspool-status-widget")
             if self.model is not None:
                 self._apply(self.model)
             return self._box
@@ -678,8 +764,12 @@ class StatusView:
         with progress.hold_sync():
             progress.max = max(model.target, 1)
             progress.value = min(model.ready_count, model.target)
-            progress.bar_style = POOL_BAR_STYLES.get(model.state, "danger")
-        parts["progress_label"].value = f"{model.ready_count}/{model.target}"
+            progress.style.bar_color = STATE_COLOURS.get(model.state, "#757575")
+        label = f"{model.ready_count}/{model.target}"
+        parts["progress_label"].value = f"{label} · {model.starting}" if model.starting else label
+        limits = render_limits_html(model.limits)
+        if parts["limits"].value != limits:
+            parts["limits"].value = limits
         ids = []
         for row in model.rows:
             ids.append(row.id)
@@ -690,13 +780,14 @@ class StatusView:
                     description="restart",
                     icon="refresh",
                     tooltip=f"restart worker {row.id}",
-                    layout=w.Layout(width="auto"),
+                    layout=w.Layout(width=_BUTTON_WIDTH, flex="0 0 auto"),
                 )
                 button.on_click(lambda _button, worker_id=row.id: self._restart_worker(worker_id))
-                entry = (w.HBox([cells, button]), cells, button)
+                # the button comes first, so a note at the row's end never shifts it
+                entry = (w.HBox([button, cells]), cells, button)
                 self._rows[row.id] = entry
             entry[1].value = _row_html(row)
-            entry[2].disabled = row.state not in ("idle", "busy")
+            entry[2].disabled = row.state not in ("idle", "busy") or model.state == "closed"
         for gone in [i for i in self._rows if i not in ids]:
             row_box, cells, button = self._rows.pop(gone)
             for widget in (button, cells, row_box):
@@ -707,21 +798,79 @@ class StatusView:
         if failure_ids != self._failure_ids:  # re-rendering would fold open tracebacks
             self._failure_ids = failure_ids
             parts["failures"].value = render_failures_html(model.failures)
+        closed = model.state == "closed"
+        parts["restart"].disabled = closed
+        if closed:
+            self._show_confirm(False)
+        self._settle_pending(model)
+
+    # -- commands
+    def _settle_pending(self, model: ViewModel) -> None:
+        """Replace a "restarting ..." note by its outcome once the restart is over."""
+        if not self._pending:
+            return
+        live = {r.id for r in model.rows if r.state not in ("dead", "stopped")}
+        over = model.state == "closed" or model.ready_count >= model.target
+        settled = [p for p in self._pending if over and not (p.workers & live)]
+        if not settled:
+            return
+        self._pending = [p for p in self._pending if p not in settled]
+        if model.state == "closed":
+            text = "the pool is closed"
+        elif any(p.what == "pool" for p in settled):
+            text = "pool restarted: every worker was replaced"
+        else:
+            text = ", ".join(f"worker {p.what} restarted" for p in settled)
+        if not self._pending:
+            self._say(text)
+
+    def _say(self, text: str, error: bool = False) -> None:
+        message = self._parts.get("message")
+        if message is not None:
+            style = f' style="color:{ERROR_COLOUR}"' if error else ""
+            message.value = f"<span{style}>{html.escape(text)}</span>" if text else ""
+
+    def _show_confirm(self, shown: bool) -> None:
+        for name in ("confirm", "cancel"):
+            button = self._parts.get(name)
+            if button is not None:
+                button.layout.display = "" if shown else "none"
+        restart = self._parts.get("restart")
+        if restart is not None:
+            restart.layout.display = "none" if shown else ""
+
+    def _confirming(self, shown: bool) -> None:
+        with self._render_lock:
+            self._show_confirm(shown)
+            if shown:
+                self._say("running calls fail with WorkerCrashed; restart every worker?")
+            else:
+                self._say("")
+
+    def _ask_restart_pool(self) -> None:
+        if self.pool.closed:
+            self._say("the pool is closed", error=True)
+            return
+        self._confirming(True)
 
     def _restart_worker(self, worker_id: str) -> None:
-        self._command(lambda: self.pool.restart_worker(worker_id), f"restarting {worker_id}")
+        self._command(lambda: self.pool.restart_worker(worker_id), worker_id, {worker_id})
 
     def _restart_pool(self) -> None:
-        self._command(self.pool.restart, "restarting the pool")
+        with self._render_lock:
+            self._show_confirm(False)
+            workers = {r.id for r in (self.model.rows if self.model else ()) if r.state != "dead"}
+        self._command(self.pool.restart, "pool", workers)
 
-    def _command(self, action: Callable[[], None], doing: str) -> None:
-        message = self._parts.get("message")
+    def _command(self, action: Callable[[], None], what: str, workers: set[str]) -> None:
         try:
             action()
         except (DspoolError, ValueError) as exc:
-            text = f'<span style="color:#c62828">{html.escape(str(exc))}</span>'
+            with self._render_lock:
+                self._say(str(exc), error=True)
         else:
-            text = f"<span>{html.escape(doing)}…</span>"
-        if message is not None:
-            message.value = text
+            with self._render_lock:
+                self._pending.append(_Pending(what, frozenset(workers)))
+                doing = "every worker" if what == "pool" else f"worker {what}"
+                self._say(f"restarting {doing}…")
         self.request_refresh(urgent=True)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import nbformat
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -27,19 +29,27 @@ CELL_TIMEOUT = 300  # seconds one cell may run
 def run(path: Path, out: Path) -> tuple[bool, str]:
     """Execute ``path`` into ``out``; (ok, one-line summary)."""
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb,
-        timeout=CELL_TIMEOUT,
-        kernel_name="python3",  # the interpreter running this script (jupyter_client)
-        resources={"metadata": {"path": str(path.parent)}},  # the kernel's cwd
-        record_timing=False,  # no timestamps in the saved cells: stable diffs
-    )
     started = time.perf_counter()
     error = ""
-    try:
-        client.execute()
-    except CellExecutionError as exc:
-        error = f": {exc.ename}: {exc.evalue}".splitlines()[0][:200]
+    # The kernel talks to us over Unix sockets in a private directory, not TCP: nothing
+    # listens on a port, and ipykernel has no "TCP without encryption" warning to print.
+    with tempfile.TemporaryDirectory(prefix="dspool-kernel-") as sockets:
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=f"{sockets}/kernel")
+        client = NotebookClient(
+            nb,
+            km=km,
+            timeout=CELL_TIMEOUT,
+            kernel_name="python3",  # the interpreter running this script (jupyter_client)
+            resources={"metadata": {"path": str(path.parent)}},  # the kernel's cwd
+            record_timing=False,  # no timestamps in the saved cells: stable diffs
+        )
+        try:
+            client.execute()
+        except CellExecutionError as exc:
+            error = f": {exc.ename}: {exc.evalue}".splitlines()[0][:200]
+        finally:
+            if km.has_kernel:  # nbclient leaves a kernel it did not start to its owner
+                km.shutdown_kernel()
     seconds = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)

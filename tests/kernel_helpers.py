@@ -157,7 +157,7 @@ class Kernel:
 @contextmanager
 def running_kernel(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[Kernel]:
     """A kernel with a private pool store; no pool process may outlive it."""
-    from jupyter_client.manager import start_new_kernel
+    from jupyter_client.manager import KernelManager
 
     env = {
         **os.environ,
@@ -165,7 +165,17 @@ def running_kernel(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterat
         "XDG_CACHE_HOME": str(tmp / "cache"),
         **(extra_env or {}),
     }
-    km, kc = start_new_kernel(kernel_name="python3", env=env, cwd=str(Path.cwd()))
+    # over IPC (Unix sockets under tmp), not TCP: no port, no plain-text warning
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp / "kernel-ipc"))
+    km.start_kernel(env=env, cwd=str(Path.cwd()))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+    except RuntimeError:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        raise
     kernel = Kernel(km, kc)
     tokens: list[str] = []
     try:

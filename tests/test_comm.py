@@ -6,13 +6,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
 from dspool_jupyter import comm as dcomm
 from dspool_jupyter.events import CallFinished, Event, EventBus, WorkerDied
+from dspool_jupyter.status import FailedCall, PoolStatus, WorkerStatus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,12 +60,27 @@ class FakeComm:
                 return out
 
 
-@dataclass
-class FakeStatus:
-    data: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.data)
+def pool_status(calls: int, workers: tuple[str, ...] = ("w1", "w2")) -> PoolStatus:
+    """A hand-built healthy snapshot: ``calls`` calls done on ``workers``."""
+    return PoolStatus(
+        state="healthy",
+        target=len(workers),
+        ready_count=len(workers),
+        workers=tuple(
+            WorkerStatus(w, 4000 + i, "idle", 0, 0, None, None, 0.0, None)
+            for i, w in enumerate(workers)
+        ),
+        queued=0,
+        running=0,
+        calls=calls,
+        failed=0,
+        replaced=0,
+        started_at=0.0,
+        startup_seconds=None,
+        last_error=None,
+        recent_failures=(),
+        done=calls,
+    )
 
 
 @dataclass
@@ -73,9 +89,12 @@ class FakePool:
     calls: int = 0
     restarted: list[str] = field(default_factory=list)
     fail_restart: bool = False
+    workers: tuple[str, ...] = ("w1", "w2")
+    closed: bool = False
+    target: int = 2
 
-    def status(self) -> FakeStatus:
-        return FakeStatus({"state": "healthy", "calls": self.calls, "recent_failures": []})
+    def status(self) -> PoolStatus:
+        return pool_status(self.calls, self.workers)
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         return self.bus.subscribe(callback)
@@ -194,6 +213,31 @@ def test_follows_current_pool(setup: tuple[dcomm.StatusPublisher, Registry, Fake
     assert c.next()["status"]["calls"] == 7 and other.bus.active
 
 
+def test_a_failed_snapshot_is_not_sent_as_no_pool(
+    setup: tuple[dcomm.StatusPublisher, Registry, FakePool],
+) -> None:
+    class Flaky(FakePool):
+        failures = 0
+
+        def status(self) -> PoolStatus:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("deque mutated during iteration")
+            return super().status()
+
+    pub, reg, _pool = setup
+    flaky = Flaky(calls=3)
+    flaky.failures = 2
+    c = FakeComm()
+    pub.add_comm(c, live=True)
+    reg.change(flaky)
+    msg = c.next()
+    while msg["status"] is None or msg["status"]["calls"] != 3:
+        assert msg["status"] is not None or flaky.failures == 2, "a failure was sent as no pool"
+        msg = c.next()
+    assert flaky.failures == 0
+
+
 def test_commands(setup: tuple[dcomm.StatusPublisher, Registry, FakePool]) -> None:
     pub, _reg, pool = setup
     c = FakeComm()
@@ -261,13 +305,33 @@ def test_lease_expires_without_hellos() -> None:
 
 def test_long_tracebacks_are_trimmed() -> None:
     class Pool(FakePool):
-        def status(self) -> FakeStatus:
+        def status(self) -> PoolStatus:
             tb = "x" * (dcomm.MAX_TRACEBACK_CHARS * 2)
-            return FakeStatus({"state": "degraded", "recent_failures": [{"traceback": tb}]})
+            failure = FailedCall(1, "p", "w1", "ProgramError", "m", tb, 0.0)
+            return replace(pool_status(0), state="degraded", recent_failures=(failure,))
 
     snap = dcomm._snapshot(Pool())
     assert snap is not None
     assert len(snap["recent_failures"][0]["traceback"]) <= dcomm.MAX_TRACEBACK_CHARS + 4
+
+
+def test_departed_workers_are_sent_like_the_widget_shows_them(
+    setup: tuple[dcomm.StatusPublisher, Registry, FakePool],
+) -> None:
+    pub, _reg, pool = setup
+    c = FakeComm()
+    pub.add_comm(c, live=True)
+    assert c.next()["departed"] == []
+    pool.workers = ("w1", "w3")
+    pool.bus.emit(
+        WorkerDied(worker_id="w2", pid=4001, reason="crashed", returncode=-9, program="p")
+    )
+    msg = c.next()
+    while msg["departed"] == []:
+        msg = c.next()
+    (gone,) = msg["departed"]
+    assert (gone["id"], gone["state"], gone["note"]) == ("w2", "dead", "killed by SIGKILL")
+    assert 0 <= gone["age"] < 5
 
 
 def test_register_outside_kernel_does_nothing() -> None:
@@ -357,6 +421,29 @@ def test_kernel_comm_end_to_end(kernel: KernelFrontend) -> None:
     k.execute("from dspool_jupyter import Pool\npool = Pool(workers=2)")
     status = k.wait_status(lambda s: s is not None and s["ready_count"] == 2)
     assert status["state"] == "healthy" and status["target"] == 2
+    assert status["limits"]["models"] == [] and status["limits"]["budget"]["max_cost"] is None
+
+    # the panel's snapshot carries the provider limits, the usage and the budget
+    k.statuses.clear()
+    k.execute(
+        "pool.set_rate_limit('openai/gpt-4o-mini', rpm=60, plain=True)\n"
+        "pool.set_budget(max_tokens=1000)\n"
+        "pool.define('ask', 'from dspool_jupyter.llm import permit\\ndef ask():\\n"
+        '    with permit("openai/gpt-4o-mini") as p:\\n        p.record(12, 5)\\n\')\n'
+        "pool.run('ask')"
+    )
+    status = k.wait_status(
+        lambda s: s is not None and s["limits"]["usage"]["total"]["requests"] == 1
+    )
+    (model,) = status["limits"]["models"]
+    assert (model["model"], model["rpm"], model["achieved_rpm"]) == ("openai/gpt-4o-mini", 60, 1)
+    assert status["limits"]["budget"] == {
+        "max_cost": None,
+        "max_tokens": 1000,
+        "spent_cost": status["limits"]["budget"]["spent_cost"],
+        "spent_tokens": 17,
+        "exhausted": False,
+    }
 
     k.statuses.clear()
     k.execute(

@@ -6,6 +6,7 @@ shutdown and notebook tests start their own. No pool process may outlive its ker
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import signal
@@ -17,7 +18,13 @@ from typing import Any
 import pytest
 from IPython.core.error import UsageError
 
-from dspool_jupyter.magics import parse_cell_inputs, parse_inputs, parse_value, split_line
+from dspool_jupyter.magics import (
+    cancel_on_interrupt,
+    parse_cell_inputs,
+    parse_inputs,
+    parse_value,
+    split_line,
+)
 from tests.conftest import assert_no_leftovers, wait_for
 from tests.kernel_helpers import TRACK_POOLS, Kernel, running_kernel
 
@@ -90,6 +97,25 @@ def test_cell_inputs() -> None:
         parse_cell_inputs("just text")
     with pytest.raises(UsageError, match="JSON"):
         parse_cell_inputs("{not json")
+
+
+def test_cancel_on_interrupt_says_what_it_cancelled_where() -> None:
+    futures: list[concurrent.futures.Future[Any]] = [concurrent.futures.Future() for _ in range(4)]
+    futures[0].set_result(1)  # ended before the stop button
+    futures[1].worker_id = "w2"  # type: ignore[attr-defined]
+    futures[2].worker_id = "w1"  # type: ignore[attr-defined]
+    interrupt = cancel_on_interrupt("nap", futures, None)
+    assert isinstance(interrupt, KeyboardInterrupt)
+    assert all(f.cancelled() for f in futures[1:])
+    assert interrupt._render_traceback_() == [  # type: ignore[attr-defined]
+        "KeyboardInterrupt: cancelled 3 calls of 'nap' (2 running on w1, w2, 1 queued); "
+        "1 had already ended",
+        "The interrupted workers get SIGINT and serve the next call.",
+    ]
+    queued: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    assert cancel_on_interrupt("nap", [queued], None)._render_traceback_() == [  # type: ignore[attr-defined]
+        "KeyboardInterrupt: cancelled the call of 'nap' before it started (it was queued)"
+    ]
 
 
 # --------------------------------------------------------------------- the kernel
@@ -169,6 +195,19 @@ def test_program_error_shows_the_worker_traceback_and_the_kernel_carries_on(k: K
         ("%dspool restart w999", "no worker 'w999'"),
         ("%%dspool status\nbody", "takes no cell body"),
         ("%dspool run square q='open", "not closed"),
+        ("%dspool start --concurrency 0", "'0' must be at least 1"),
+        ("%dspool limit nosuch rpm=5", "unknown model 'nosuch'"),
+        ("%dspool limit openai/gpt-4o-mini rpm=-5", "rpm must be a positive number, got '-5'"),
+        ("%dspool limit openai/gpt-4o-mini tpm=lots", "tpm must be a positive number"),
+        ("%dspool limit openai/gpt-4o-mini rps=5", "unknown setting 'rps'; it takes rpm=N"),
+        ("%dspool limit openai/gpt-4o-mini 60", "'60' is not key=value"),
+        ("%dspool limit openai/gpt-4o-mini", "give rpm=N and/or tpm=N"),
+        ("%dspool limit openai/gpt-4o-mini rpm=60", "this pool has no LM"),
+        ("%dspool limit rpm=60", "needs MODEL before 'rpm=60'"),
+        ("%dspool limit --budget max_cost=0", "max_cost must be a positive number"),
+        ("%dspool limit --budget max_tokens=2.5", "max_tokens must be a whole number"),
+        ("%dspool limit --budget cost=1", "unknown setting 'cost'"),
+        ("%dspool usage --out 1x", "not a Python variable name"),
     ],
 )
 def test_usage_errors_are_one_line(k: Kernel, line: str, says: str) -> None:
@@ -256,6 +295,122 @@ def test_interrupt_cancels_the_call_and_the_pool_stays_usable(k: Kernel, tmp_pat
     assert k.value("mine.future.cancelled()") is True
     assert k.value("earlier.result(10)") == 1.5
     assert k.run("%dspool run square x=6").result == "36"
+
+
+def test_stop_button_on_run_says_what_was_cancelled_in_a_few_lines(
+    k: Kernel, tmp_path: Path
+) -> None:
+    workers = {pid: w for w, pid in _workers(k)}
+    marker = tmp_path / "started"
+    running = k.submit(f"%dspool run sleepy s=60 marker='{marker}'")
+    wait_for(lambda: marker.exists() and marker.read_text() != "", timeout=10)
+    worker = workers[int(marker.read_text())]
+    k.km.interrupt_kernel()
+    k.wait(running, timeout=15)
+    ename, evalue, traceback = running.error
+    assert ename == "KeyboardInterrupt"
+    assert traceback[0] == (
+        f"KeyboardInterrupt: cancelled the call of 'sleepy' on worker {worker} while it ran"
+    )
+    assert traceback[1] == "The interrupted worker gets SIGINT and serves the next call."
+    assert traceback[2].startswith("The pool carries on: healthy, 2/2 workers ready, ")
+    assert len(traceback) == 3
+    text = "\n".join(traceback)
+    for frame in ("magics.py", "concurrent", "threading", "Traceback"):
+        assert frame not in text
+    assert k.run("%dspool run square x=4").result == "16"  # and the pool is fine
+
+
+def test_start_on_a_live_pool_says_so_and_replace_replaces(k: Kernel) -> None:
+    pids = _pids(k)
+    again = k.run("%dspool start --workers 2", ok=False)
+    ename, evalue, traceback = again.error
+    assert ename == "UsageError"
+    assert evalue.startswith("a pool is running (healthy, 2/2 workers ready)")
+    assert "%dspool start --replace" in evalue and "%dspool stop" in evalue
+    assert sorted(_pids(k)) == sorted(pids)  # nothing changed
+    replaced = k.run("%dspool start --workers 2 --replace")
+    assert replaced.stream().startswith("dspool: stopped the running pool\n")
+    assert not set(_pids(k)) & set(pids)
+    assert k.run("%dspool run square x=2").result == "4"
+
+
+ASK = """
+%%dspool program ask
+from dspool_jupyter.llm import permit
+def ask():
+    with permit("openai/gpt-4o-mini", tokens=10) as p:
+        p.record(12, 5)
+    return "answered"
+"""
+
+
+def test_start_concurrency_limit_and_usage(k: Kernel) -> None:
+    k.run("%dspool start --workers 1 --concurrency 3 --replace")
+    try:
+        assert _pool_value(k, "slots") == 3
+        assert k.value(
+            "[w.slots for w in __import__('dspool_jupyter').pool.current_pool().status().workers]"
+        ) == [3]
+        assert k.run("%dspool limit openai/gpt-4o-mini rpm=60 tpm=10000 --plain").stream() == (
+            "dspool: 'openai/gpt-4o-mini' limited to 60 requests/min, 10,000 tokens/min "
+            "across every worker\n"
+        )
+        assert k.run("%dspool limit --budget max_tokens=1000").stream() == (
+            "dspool: budget 1,000 tokens; once spent, LM requests fail at once\n"
+        )
+        assert "(no LM request yet)" in k.run("%dspool usage").stream()
+        k.run(ASK.strip())
+        assert k.run("%dspool run ask").result == "'answered'"
+        assert k.run("%dspool limit").stream() == (
+            "openai/gpt-4o-mini: 1/60 rpm, 17/10,000 tpm, 0 in flight, 0 429s\n"
+            "budget: 17 of 1,000 tokens spent\n"
+        )
+        usage = k.run("%dspool usage --out spent").stream().splitlines()
+        assert usage[0].split() == ["requests", "prompt", "completion", "cost", "429s"]
+        assert usage[1].split()[:4] == ["total", "1", "12", "5"]
+        assert usage[2].split()[:5] == ["model", "openai/gpt-4o-mini", "1", "12", "5"]
+        assert usage[-1] == "budget: 17 of 1,000 tokens spent"
+        assert k.value("(spent.requests, spent.prompt_tokens, spent.completion_tokens)") == (
+            1,
+            12,
+            5,
+        )
+        assert k.run("%dspool limit openai/gpt-4o-mini --off").stream() == (
+            "dspool: no limit on 'openai/gpt-4o-mini'\n"
+        )
+        assert k.run("%dspool limit --budget --off").stream() == "dspool: no budget\n"
+        assert k.run("%dspool limit").stream().splitlines() == [
+            "openai/gpt-4o-mini: 1 rpm (no limit), 0 in flight, 0 429s",
+            "no budget (%dspool limit --budget max_cost=D sets one)",
+        ]
+    finally:
+        k.run("%dspool start --workers 2 --replace")
+        k.run("__import__('dspool_jupyter').pool.current_pool().wait_ready(30)")
+
+
+def test_status_text_is_the_state_when_it_runs(k: Kernel) -> None:
+    k.run("%dspool status")  # a live view exists from an earlier cell
+    k.run("items = list(range(20))\n%dspool map square --over items --out res")
+    text = k.run("%dspool status --text").stream()
+    calls = _pool_value(k, "calls")
+    done, failed, cancelled = (_pool_value(k, name) for name in ("done", "failed", "cancelled"))
+    headline = text.splitlines()[0]
+    assert headline.startswith("dspool pool: healthy, 2/2 workers ready, 0/2 slots in flight")
+    assert f"{calls} calls: {done} done, {failed} failed, {cancelled} cancelled" in headline, (
+        headline
+    )
+    assert "starting" not in text
+
+
+def _workers(k: Kernel) -> list[tuple[str, int]]:
+    return [
+        (w, pid)
+        for w, pid in k.value(
+            "[(w.id, w.pid) for w in "
+            "__import__('dspool_jupyter').pool.current_pool().status().workers]"
+        )
+    ]
 
 
 def test_sigkilled_worker_shows_in_the_widget_and_the_pool_heals(k: Kernel) -> None:
@@ -375,7 +530,7 @@ def test_restart_stop_and_autostart(k: Kernel) -> None:
     autostarted = k.run("%dspool run square x=2")
     assert autostarted.result == "4"
     assert autostarted.stream().startswith("dspool: no pool was running, started one")
-    k.run("%dspool start --workers 2")  # leave the module's pool as it was
+    k.run("%dspool start --workers 2 --replace")  # leave the module's pool as it was
 
 
 # ------------------------------------------------------------- kernels of their own

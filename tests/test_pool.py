@@ -477,6 +477,24 @@ def test_wait_ready_times_out_clearly(make_pool: MakePool) -> None:
     pool.wait_ready(30)
 
 
+def test_status_says_what_the_template_imports_and_for_how_long(make_pool: MakePool) -> None:
+    before = time.time()
+    pool = make_pool(1, preload=["tests.slow_import"])
+    status = pool.status()
+    assert status.preload == ("tests.slow_import",)
+    assert status.preload_started_at is not None and status.preload_started_at >= before
+    # the template sleeps 1 s in the import: it cannot be ready within 0.9 s of its start
+    if time.time() - status.preload_started_at < 0.9:
+        assert status.importing and status.preload_seconds is None
+    pool.wait_ready(30)
+    ready = pool.status()
+    assert not ready.importing
+    assert ready.preload_started_at == status.preload_started_at
+    assert ready.preload_seconds is not None and 1.0 <= ready.preload_seconds < 30
+    plain = make_pool(1).status()
+    assert (plain.preload, plain.preload_started_at, plain.preload_seconds) == ((), None, None)
+
+
 SETUP = "import builtins\ndef configure(value):\n    builtins._dspool_setting = value\n"
 READ = "import builtins\ndef read():\n    return getattr(builtins, '_dspool_setting', None)\n"
 

@@ -6,6 +6,7 @@ import { ISignal, Signal } from '@lumino/signaling';
 
 import {
   FrontendMessage,
+  IDepartedWorker,
   IEventBrief,
   IPoolStatus,
   IResultMessage,
@@ -21,6 +22,12 @@ const COMMAND_TIMEOUT_MS = 60_000;
  * it heard nothing for its LEASE (90 s), so a closed tab costs the kernel nothing.
  */
 const KEEPALIVE_MS = 30_000;
+
+/**
+ * How long a departed worker stays listed, in seconds: the kernel's
+ * `dspool_jupyter.status.DEPARTED_SECONDS` (the status widget keeps it as long).
+ */
+export const DEPARTED_SECONDS = 15;
 
 /** At most one comm of our own per this many ms after someone else closed ours. */
 const REOPEN_INTERVAL_MS = 5_000;
@@ -52,6 +59,19 @@ export class PoolConnection implements IDisposable {
   /** The last snapshot, or `null` when the kernel has no pool (or no dspool). */
   get status(): IPoolStatus | null {
     return this._status;
+  }
+
+  /** Workers that left the pool recently (the kernel keeps them 15 s, as the widget does). */
+  get departed(): IDepartedWorker[] {
+    const now = Date.now();
+    return this._departed.filter(d => d.until > now);
+  }
+
+  /** When (page ms) the next departed worker stops being listed, or null. */
+  get nextDepartureExpiry(): number | null {
+    const now = Date.now();
+    const left = this._departed.map(d => d.until).filter(t => t > now);
+    return left.length ? Math.min(...left) : null;
   }
 
   /** The urgent events folded into the last snapshot. */
@@ -230,6 +250,7 @@ export class PoolConnection implements IDisposable {
       pending.reject(new Error('the kernel connection closed'));
     }
     this._pending.clear();
+    this._departed = [];
     this._setStatus(null, [], 0);
   }
 
@@ -254,6 +275,10 @@ export class PoolConnection implements IDisposable {
     switch (msg.type) {
       case 'status':
         this._seq = msg.seq;
+        this._departed = (msg.status ? (msg.departed ?? []) : []).map(d => ({
+          ...d,
+          until: Date.now() + (DEPARTED_SECONDS - d.age) * 1000
+        }));
         this._setStatus(msg.status, msg.events ?? [], msg.time);
         break;
       case 'result':
@@ -327,6 +352,7 @@ export class PoolConnection implements IDisposable {
   private _lastReopen = 0;
   private _status: IPoolStatus | null = null;
   private _lastEvents: IEventBrief[] = [];
+  private _departed: (IDepartedWorker & { until: number })[] = [];
   private _clockOffset = 0;
   private _seq = 0;
   private _pending = new Map<string, IPending>();

@@ -4,13 +4,14 @@ import {
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
-import { INotebookTracker } from '@jupyterlab/notebook';
+import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { ActivePoolModel } from './model';
 import { PoolPanel } from './panel';
 import { PoolStatusItem } from './statusitem';
+import { PoolToolbarItem } from './toolbaritem';
 
 const POOL_ICON_SVG =
   '<svg xmlns="http://www.w3.org/2000/svg" width="16" viewBox="0 0 24 24">' +
@@ -61,6 +62,20 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
     });
     palette?.addItem({ command: CommandIDs.openPanel, category: 'dspool' });
+
+    if (!statusBar) {
+      // Notebook 7 has no status bar: each notebook's toolbar shows the pool instead
+      const addToolbarItem = (notebook: NotebookPanel): void => {
+        const item = new PoolToolbarItem(model.connectionFor(notebook), () => {
+          void app.commands.execute(CommandIDs.openPanel);
+        });
+        notebook.toolbar.insertItem(10, 'dspool', item);
+      };
+      tracker.forEach(addToolbarItem);
+      tracker.widgetAdded.connect((_sender, notebook) =>
+        addToolbarItem(notebook)
+      );
+    }
 
     if (statusBar) {
       const item = new PoolStatusItem(model, () => {

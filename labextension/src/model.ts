@@ -2,7 +2,7 @@ import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { PoolConnection } from './connection';
-import { IPoolStatus } from './protocol';
+import { IDepartedWorker, IPoolStatus } from './protocol';
 
 /**
  * The pool of the active notebook's kernel.
@@ -33,6 +33,17 @@ export class ActivePoolModel {
   /** The current notebook's pool, or `null`. */
   get status(): IPoolStatus | null {
     return this._current?.status ?? null;
+  }
+
+  /** Workers of the current notebook's pool that left it recently. */
+  get departed(): IDepartedWorker[] {
+    return this._current?.departed ?? [];
+  }
+
+  /** The connection of ``panel``'s kernel (tracked from now on). */
+  connectionFor(panel: NotebookPanel): PoolConnection {
+    this._track(panel);
+    return this._connections.get(panel)!;
   }
 
   /** The current notebook's title, for the panel's header. */

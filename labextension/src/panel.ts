@@ -3,12 +3,32 @@ import { refreshIcon } from '@jupyterlab/ui-components';
 import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
-import { ago, busyCount, formatBytes, formatSeconds } from './format';
+import {
+  activeCount,
+  ago,
+  failureText,
+  formatBytes,
+  formatSeconds,
+  limitLines,
+  slotCount,
+  startingText
+} from './format';
 import { ActivePoolModel } from './model';
-import { IFailedCall, IPoolStatus, IWorkerStatus } from './protocol';
+import {
+  IDepartedWorker,
+  IFailedCall,
+  IPoolStatus,
+  IWorkerStatus
+} from './protocol';
 
 /** While the panel is shown, ask for a fresh snapshot this often (ms). */
 const REFRESH_INTERVAL_MS = 2000;
+
+/** Sort key of a worker id: `w12` → 12. */
+function workerOrder(id: string): number {
+  const n = Number(id.replace(/^w/, ''));
+  return Number.isFinite(n) ? n : Number.MAX_SAFE_INTEGER;
+}
 
 /** Build an element with a class and optional text. */
 function el<K extends keyof HTMLElementTagNameMap>(
@@ -27,8 +47,9 @@ function el<K extends keyof HTMLElementTagNameMap>(
 }
 
 /**
- * The side panel: start-up progress, the worker table, recent failed calls with their
- * tracebacks, and buttons to restart a worker or the whole pool.
+ * The side panel: start-up progress, the provider limits and LM usage (when any), the
+ * worker table, recent failed calls with their tracebacks, and buttons to restart a
+ * worker or the whole pool.
  */
 export class PoolPanel extends Widget {
   constructor(model: ActivePoolModel) {
@@ -124,12 +145,32 @@ export class PoolPanel extends Widget {
       return;
     }
     this.node.dataset.state = status.state;
-    this._body.replaceChildren(
+    const sections = [
       this._renderSummary(status),
-      this._renderProgress(status),
-      this._renderWorkers(status, connection.clockOffset),
+      this._renderProgress(status, connection.clockOffset)
+    ];
+    const limits = limitLines(status.limits);
+    if (limits.length) {
+      sections.push(this._renderLimits(limits));
+    }
+    sections.push(
+      this._renderWorkers(status, connection.departed, connection.clockOffset),
       this._renderFailures(status)
     );
+    this._body.replaceChildren(...sections);
+  }
+
+  /** Per model the achieved rates against its limit, the LM usage, the budget. */
+  private _renderLimits(lines: string[]): HTMLElement {
+    const section = el('section', 'dspool-limits');
+    const title = el('h3', '', 'LM limits and usage');
+    title.title =
+      'requests and tokens per minute over the last minute, against the pool-wide limit';
+    section.append(title);
+    for (const line of lines) {
+      section.append(el('div', 'dspool-limit-line', line));
+    }
+    return section;
   }
 
   private _renderSummary(status: IPoolStatus): HTMLElement {
@@ -139,20 +180,35 @@ export class PoolPanel extends Widget {
       `dspool-badge dspool-state-${status.state}`,
       status.state
     );
-    const facts: [string, string][] = [
-      ['ready', `${status.ready_count}/${status.target}`],
-      ['busy', String(busyCount(status))],
-      ['queued', String(status.queued)],
-      ['calls', String(status.calls)],
-      ['failed', String(status.failed)],
-      ['replaced', String(status.replaced)]
+    // the status widget's words: calls = done + failed + cancelled
+    const facts: [string, string, string][] = [
+      ['ready', `${status.ready_count}/${status.target}`, 'workers ready'],
+      [
+        'in flight',
+        `${status.running}/${slotCount(status)}`,
+        'calls running now, out of the slots of the ready workers'
+      ],
+      ['queued', String(status.queued), 'calls waiting for a slot'],
+      ['calls', String(status.calls), 'calls that ended'],
+      ['done', String(status.done ?? 0), 'calls that returned a value'],
+      ['failed', String(status.failed), 'calls that ended in an error'],
+      ['cancelled', String(status.cancelled ?? 0), 'calls cancelled'],
+      ['replaced', String(status.replaced), 'workers replaced']
     ];
     if (status.startup_seconds !== null) {
-      facts.push(['start-up', formatSeconds(status.startup_seconds)]);
+      facts.push([
+        'start-up',
+        formatSeconds(status.startup_seconds),
+        'time until every worker was ready'
+      ]);
     }
     const list = el('dl', 'dspool-facts');
-    for (const [name, value] of facts) {
-      const item = el('div', `dspool-fact dspool-fact-${name}`);
+    for (const [name, value, title] of facts) {
+      const item = el(
+        'div',
+        `dspool-fact dspool-fact-${name.replace(/\W+/g, '-')}`
+      );
+      item.title = title;
       item.append(el('dt', '', name), el('dd', '', value));
       list.append(item);
     }
@@ -163,8 +219,12 @@ export class PoolPanel extends Widget {
     return section;
   }
 
-  private _renderProgress(status: IPoolStatus): HTMLElement {
+  private _renderProgress(
+    status: IPoolStatus,
+    clockOffset: number
+  ): HTMLElement {
     const section = el('section', 'dspool-progress');
+    const doing = startingText(status, Date.now() / 1000 + clockOffset);
     const label = el(
       'div',
       'dspool-progress-label',
@@ -172,6 +232,9 @@ export class PoolPanel extends Widget {
         ? `All ${status.target} workers ready`
         : `Starting: ${status.ready_count} of ${status.target} workers ready`
     );
+    if (doing) {
+      label.append(el('div', 'dspool-progress-doing', doing));
+    }
     const bar = el('progress', 'dspool-progress-bar');
     bar.max = Math.max(1, status.target);
     bar.value = status.ready_count;
@@ -181,10 +244,21 @@ export class PoolPanel extends Widget {
 
   private _renderWorkers(
     status: IPoolStatus,
+    departed: IDepartedWorker[],
     clockOffset: number
   ): HTMLElement {
     const section = el('section', 'dspool-workers');
-    section.append(el('h3', '', `Workers (${status.workers.length})`));
+    const left = departed.filter(
+      d => !status.workers.some(w => w.id === d.id)
+    ).length;
+    section.append(
+      el(
+        'h3',
+        '',
+        `Workers (${status.workers.length}` +
+          (left ? `; ${left} left in the last 15 s)` : ')')
+      )
+    );
     const scroller = el('div', 'dspool-table-scroller');
     const table = el('table', 'dspool-worker-table');
     const head = el('tr');
@@ -192,7 +266,8 @@ export class PoolPanel extends Widget {
       ['worker', 'worker id and process id'],
       [
         'state',
-        'starting, idle or busy (with its program); calls run and errors'
+        'starting, idle or busy (with its program and slots in use); ' +
+          'calls that ended on it and errors'
       ],
       ['memory', 'resident memory; time since the last heartbeat'],
       ['', '']
@@ -205,8 +280,18 @@ export class PoolPanel extends Widget {
     table.append(el('thead'));
     table.tHead!.append(head);
     const body = el('tbody');
-    for (const worker of status.workers) {
-      body.append(this._renderWorker(worker, clockOffset));
+    const rows: [string, HTMLElement][] = status.workers.map(w => [
+      w.id,
+      this._renderWorker(w, clockOffset)
+    ]);
+    for (const gone of departed) {
+      if (!status.workers.some(w => w.id === gone.id)) {
+        rows.push([gone.id, this._renderDeparted(gone)]);
+      }
+    }
+    rows.sort((a, b) => workerOrder(a[0]) - workerOrder(b[0]));
+    for (const [, row] of rows) {
+      body.append(row);
     }
     table.append(body);
     scroller.append(table);
@@ -231,15 +316,21 @@ export class PoolPanel extends Widget {
       )
     );
     const state = el('td', 'dspool-worker-state');
-    state.append(
-      el(
-        'div',
-        'dspool-worker-state-name',
-        worker.program && worker.state === 'busy'
-          ? `busy: ${worker.program}`
-          : worker.state
-      )
+    const slots = el(
+      'span',
+      'dspool-worker-slots',
+      ` · ${activeCount(worker)}/${worker.slots ?? 1} slots`
     );
+    slots.title = 'calls running on it now, out of its slots';
+    const name = el(
+      'div',
+      'dspool-worker-state-name',
+      worker.program && worker.state === 'busy'
+        ? `busy: ${worker.program}`
+        : worker.state
+    );
+    name.append(slots);
+    state.append(name);
     const calls = el(
       'div',
       'dspool-worker-calls',
@@ -273,10 +364,44 @@ export class PoolPanel extends Widget {
     button.title = `Restart worker ${worker.id} (kill it and start a replacement)`;
     button.setAttribute('aria-label', button.title);
     refreshIcon.element({ container: button, tag: null });
-    button.disabled = this._restarting.has(worker.id);
+    button.disabled =
+      this._restarting.has(worker.id) ||
+      (worker.state !== 'idle' && worker.state !== 'busy');
     button.addEventListener('click', () => void this._restartWorker(worker.id));
     cell.append(button);
     row.append(cell);
+    return row;
+  }
+
+  /** A worker that left: kept (in red when it died) as long as the widget keeps it. */
+  private _renderDeparted(gone: IDepartedWorker): HTMLElement {
+    const row = el(
+      'tr',
+      `dspool-worker dspool-worker-departed dspool-worker-${gone.state}`
+    );
+    row.dataset.workerId = gone.id;
+    row.dataset.pid = String(gone.pid ?? '');
+    const id = el('td', 'dspool-worker-id');
+    id.append(
+      el('div', '', gone.id),
+      el('div', 'dspool-worker-pid', gone.pid === null ? '' : `pid ${gone.pid}`)
+    );
+    const state = el('td', 'dspool-worker-state');
+    state.append(
+      el('div', 'dspool-worker-state-name', gone.state),
+      el('div', 'dspool-worker-note', gone.note),
+      el(
+        'div',
+        'dspool-worker-calls',
+        `${gone.calls} call${gone.calls === 1 ? '' : 's'}` +
+          (gone.errors
+            ? `, ${gone.errors} error${gone.errors === 1 ? '' : 's'}`
+            : '')
+      )
+    );
+    const memory = el('td', 'dspool-worker-memory', '—');
+    // an empty actions cell keeps every row's columns (and buttons) aligned
+    row.append(id, state, memory, el('td', 'dspool-worker-actions'));
     return row;
   }
 
@@ -309,21 +434,24 @@ export class PoolPanel extends Widget {
     const when = new Date(failure.time * 1000).toLocaleTimeString([], {
       hour12: false
     });
-    const summary = el('summary');
-    summary.append(
+    const line = [
       el('span', 'dspool-failure-time', when),
       el('span', 'dspool-failure-program', failure.program),
       el('span', 'dspool-failure-worker', failure.worker_id ?? ''),
-      el(
-        'span',
-        'dspool-failure-error',
-        failure.message ? `${failure.error}: ${failure.message}` : failure.error
-      )
-    );
-    details.append(
-      summary,
-      el('pre', 'dspool-traceback', failure.traceback || '(no traceback)')
-    );
+      el('span', 'dspool-failure-error', failureText(failure))
+    ];
+    if (!failure.traceback) {
+      // a crash or a timeout: the line says the exit code, signal or timeout
+      const plain = el('div', 'dspool-failure dspool-failure-plain');
+      plain.dataset.callId = key;
+      const inner = el('div', 'dspool-failure-line');
+      inner.append(...line);
+      plain.append(inner);
+      return plain;
+    }
+    const summary = el('summary');
+    summary.append(...line);
+    details.append(summary, el('pre', 'dspool-traceback', failure.traceback));
     return details;
   }
 

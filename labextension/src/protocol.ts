@@ -12,10 +12,16 @@ export const PROTOCOL_VERSION = 1;
 export interface IWorkerStatus {
   id: string;
   pid: number | null;
-  /** 'starting', 'idle' or 'busy'. */
+  /** 'starting', 'idle', 'busy' or 'stopping'. */
   state: string;
+  /** Every call that ended on this worker; `errors` of them in an error. */
   calls: number;
   errors: number;
+  done?: number;
+  cancelled?: number;
+  /** Calls running on it now, out of `slots`. */
+  active?: number;
+  slots?: number;
   rss_bytes: number | null;
   /** Kernel wall clock, seconds since the epoch. */
   last_heartbeat: number | null;
@@ -32,6 +38,13 @@ export interface IFailedCall {
   message: string;
   traceback: string;
   time: number;
+  /** What went wrong, without the program and worker (e.g. `ValueError: x`). */
+  detail?: string;
+  exit_code?: number | null;
+  /** Signal name, e.g. `SIGKILL`. */
+  signal?: string | null;
+  /** Seconds. */
+  timeout?: number | null;
 }
 
 /** The pool at one moment (dspool_jupyter.status.PoolStatus.to_dict()). */
@@ -42,15 +55,89 @@ export interface IPoolStatus {
   ready_count: number;
   ready: boolean;
   workers: IWorkerStatus[];
+  /** Calls waiting for a slot. */
   queued: number;
+  /** Calls in flight (running on a worker now), out of `slots`. */
   running: number;
+  /** Every call that ended = done + failed + cancelled. */
   calls: number;
   failed: number;
+  done?: number;
+  cancelled?: number;
+  slots?: number;
   replaced: number;
   started_at: number;
   startup_seconds: number | null;
   last_error: string | null;
   recent_failures: IFailedCall[];
+  /** Modules the template imports before any worker forks. */
+  preload?: string[];
+  preload_started_at?: number | null;
+  /** Null while the import runs. */
+  preload_seconds?: number | null;
+  /** The provider limits, usage and budget; null for a pool without limits. */
+  limits?: ILimits | null;
+}
+
+/** One model as the permit broker sees it (dspool_jupyter.usage.ModelSnapshot). */
+export interface IModelLimit {
+  model: string;
+  /** The limits set (per minute), or null. */
+  rpm: number | null;
+  tpm: number | null;
+  /** The pace permits are handed out at now, null = unpaced. */
+  pace_rpm: number | null;
+  /** Answered requests and their tokens over the last minute. */
+  achieved_rpm: number;
+  achieved_tpm: number;
+  in_flight: number;
+  /** 429s seen. */
+  rate_limited: number;
+  /** Seconds left in a pause after a 429. */
+  paused_for: number;
+}
+
+/** LM requests and their tokens and cost (dspool_jupyter.usage.Usage.as_dict()). */
+export interface IUsage {
+  requests: number;
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  /** Dollars; null while no answered request had a known price. */
+  cost: number | null;
+  rate_limited: number;
+}
+
+/** The provider limits' snapshot (dspool_jupyter.usage.LimitsSnapshot.as_dict()). */
+export interface ILimits {
+  models: IModelLimit[];
+  budget: {
+    max_cost: number | null;
+    max_tokens: number | null;
+    spent_cost: number;
+    spent_tokens: number;
+    exhausted: boolean;
+  };
+  usage: {
+    total: IUsage;
+    by_program: Record<string, IUsage>;
+    by_session: Record<string, IUsage>;
+    by_model: Record<string, IUsage>;
+  };
+}
+
+/** A worker that left the pool recently (kept as long as the status widget keeps it). */
+export interface IDepartedWorker {
+  id: string;
+  pid: number | null;
+  /** 'dead' (crashed or killed) or 'stopped' (restarted, pool closed). */
+  state: string;
+  /** How it left, e.g. 'killed by SIGKILL'. */
+  note: string;
+  calls: number;
+  errors: number;
+  /** Seconds since it left. */
+  age: number;
 }
 
 /** An urgent event folded into a snapshot. */
@@ -69,6 +156,7 @@ export interface IStatusMessage {
   time: number;
   status: IPoolStatus | null;
   events: IEventBrief[];
+  departed?: IDepartedWorker[];
 }
 
 /** Kernel to frontend: the outcome of a command. */

@@ -35,6 +35,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def notebook7(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """A Notebook 7 server (``jupyter notebook``) with the built extension."""
+    require("Notebook 7 (`pip install 'notebook>=7'`)", bool(importlib.util.find_spec("notebook")))
+    with running_lab(tmp=tmp_path_factory.mktemp("nb7"), app="notebook") as server:
+        yield server
+
+
 # module scope: Playwright's sync API keeps an asyncio loop running in this thread while
 # it is open, which would break asyncio.run() in the test modules that come after
 @pytest.fixture(scope="module")

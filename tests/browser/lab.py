@@ -198,8 +198,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_lab(root: Path | None = None, tmp: Path | None = None) -> Iterator[Lab]:
-    """Start ``jupyter lab`` serving ``root``; stop it and everything it started after."""
+def running_lab(
+    root: Path | None = None, tmp: Path | None = None, app: str = "lab"
+) -> Iterator[Lab]:
+    """Start ``jupyter lab`` (``app="notebook"``: Notebook 7) serving ``root``.
+
+    Stops it and everything it started after. Kernels talk to the server over IPC
+    (Unix sockets in the private runtime directory), not TCP.
+    """
     with contextlib.ExitStack() as stack:
         if tmp is None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dspool-lab-")))
@@ -210,10 +216,11 @@ def running_lab(root: Path | None = None, tmp: Path | None = None) -> Iterator[L
         env[MARKER_ENV] = marker
         port = _free_port()
         log = tmp / "jupyter-lab.log"
+        name = {"lab": "LabApp", "notebook": "JupyterNotebookApp"}[app]
         cmd = [
             sys.executable,
             "-m",
-            "jupyterlab",
+            {"lab": "jupyterlab", "notebook": "notebook"}[app],
             "--no-browser",
             "--ip=127.0.0.1",
             f"--port={port}",
@@ -222,11 +229,16 @@ def running_lab(root: Path | None = None, tmp: Path | None = None) -> Iterator[L
             "--ServerApp.password=",
             "--ServerApp.disable_check_xsrf=True",
             "--FileContentsManager.delete_to_trash=False",
-            "--LabApp.expose_app_in_browser=True",
-            "--LabApp.news_url=",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            f"--{name}.expose_app_in_browser=True",
+            "--KernelManager.transport=ipc",
+            f"--KernelManager.ip={tmp / 'runtime' / 'kernel'}",
             f"--ServerApp.root_dir={root}",
         ]
+        if app == "lab":
+            cmd += [
+                "--LabApp.news_url=",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            ]
         if os.geteuid() == 0:
             cmd.append("--allow-root")
         with open(log, "wb") as out:
