@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .interrupts import HeldInterrupts
+
 __all__ = ["Call", "CallFuture", "echo_output", "reject", "resolve"]
 
 _PENDING = concurrent.futures._base.PENDING
@@ -45,16 +47,19 @@ class CallFuture(concurrent.futures.Future[Any]):
         return self.worker_id is not None and not self.done()
 
     def cancel(self) -> bool:
-        with self._condition:
-            first = self._state == _PENDING and not self._cancel_asked
-            self._cancel_asked = True
-        if not super().cancel():
-            return False
-        with self._condition:
-            if self._state == _CANCELLED:
-                # Our futures never enter RUNNING, so notify the waiters of wait() and
-                # as_completed() here: the pool has nothing more to tell them.
-                self.set_running_or_notify_cancel()
+        # Held: an interrupt between the state change and the waiters' notification
+        # would leave a future that wait() never counts as done.
+        with HeldInterrupts():
+            with self._condition:
+                first = self._state == _PENDING and not self._cancel_asked
+                self._cancel_asked = True
+            if not super().cancel():
+                return False
+            with self._condition:
+                if self._state == _CANCELLED:
+                    # Our futures never enter RUNNING, so notify the waiters of wait()
+                    # and as_completed() here: the pool has nothing more to tell them.
+                    self.set_running_or_notify_cancel()
         call = self._call
         if first and call is not None and call.on_cancel is not None:
             call.on_cancel(call)

@@ -67,6 +67,7 @@ from .errors import (
     UnpicklableArguments,
 )
 from .events import Event, EventBus, ProgramDefined, ProgramDeleted
+from .interrupts import HeldInterrupts
 from .limits import ProviderLimits
 from .local_backend import OWNER_ENV
 from .status import PoolStatus
@@ -96,44 +97,34 @@ DEFAULT_MAX_RESULT_BYTES = 1 << 30  # a larger pickled result is an error, not a
 BACKENDS = {"local": "local_backend:LocalBackend", "dask": "dask_backend:DaskBackend"}
 
 _SET_ENV = "import os\ndef llm_broker(env):\n    os.environ.update(env)\n"
-_MAIN_THREAD = threading.main_thread().ident
 _tracking = threading.local()
 
 
-class _InterruptsHeld:
-    """Holds SIGINT's Python handler (main thread only) while a call is handed over.
+class _InterruptsHeld(HeldInterrupts):
+    """Holds SIGINT while a call is handed over; an interrupt cancels that call.
 
-    Python raises ``KeyboardInterrupt`` (the kernel's stop button) at any bytecode of
-    the main thread; inside the hand-off that could leave a call half submitted. Here
-    the handler only records the interrupt; on exit the call is cancelled and the
-    interrupt raised, so the call ends up cancelled, never lost or running unseen.
+    Inside the hand-off an interrupt could leave a call half submitted. Here it is only
+    recorded; on exit the call is cancelled (still held) and the interrupt raised, so
+    the call ends up cancelled, never lost or running unseen.
     """
 
-    __slots__ = ("future", "pending", "previous")
+    __slots__ = ("future",)
 
     def __init__(self, future: CallFuture) -> None:
+        super().__init__()
         self.future = future
-        self.pending: tuple[int, Any] | None = None
-        self.previous: Any = None
-
-    def __enter__(self) -> None:
-        if threading.get_ident() == _MAIN_THREAD:
-            previous = signal.getsignal(signal.SIGINT)
-            if callable(previous):
-                signal.signal(signal.SIGINT, self._hold)
-                self.previous = previous
-
-    def _hold(self, signum: int, frame: Any) -> None:
-        self.pending = (signum, frame)
 
     def __exit__(self, *exc: object) -> None:
-        previous = self.previous
+        if self.pending is not None:
+            self.future.cancel()  # held: cancel() also holds, but is not yet running
+        previous, self.previous = self.previous, None
         if previous is None:
             return
         signal.signal(signal.SIGINT, previous)
-        if self.pending is not None:
+        if self.pending is not None:  # also one that came after the check above
             self.future.cancel()
-            previous(*self.pending)
+            pending, self.pending = self.pending, None
+            previous(*pending)
 
 
 class Pool:

@@ -63,6 +63,21 @@ def test_no_wake_up_is_lost_when_threads_post_while_the_loop_drains(
         )
 
 
+def test_held_interrupts_defer_sigint_to_the_end_of_the_block_and_nest() -> None:
+    from dspool_jupyter.interrupts import HeldInterrupts
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with HeldInterrupts():
+            with HeldInterrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs here: it only records
+                reached.append("inner")
+            reached.append("outer")  # the inner hold passed it on, still held
+    assert reached == ["inner", "outer"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_status_while_threads_submit(make_pool: MakePool) -> None:
     pool = make_pool(2)
     pool.wait_ready(30)
