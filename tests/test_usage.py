@@ -145,3 +145,6 @@ def test_each_call_reports_its_own_usage_on_its_future(
     assert sum(u["completion_tokens"] for u in calls) == stats["completion_tokens"]
     report = pool.usage()
     assert report.requests == 9 and report.prompt_tokens == stats["prompt_tokens"]
+    # The ledger knows which program and session made each request.
+    assert report.by_program["qa"].requests == 8 and report.by_program["cot"].requests == 1
+    assert report.by_session[None].requests == 9
