@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from . import shm
 from .calls import Call, CallFuture, reject, resolve
 from .errors import (
     CallCancelled,
@@ -483,13 +484,22 @@ class Dispatcher:
         return call
 
     def settle_value(
-        self, worker: WorkerSlot, call: Call, blob: bytes, stdout: str, stderr: str
+        self,
+        worker: WorkerSlot,
+        call: Call,
+        blob: bytes,
+        stdout: str,
+        stderr: str,
+        attached: tuple[tuple[int, int], ...] = (),
     ) -> None:
-        """``call`` returned the pickled value ``blob`` on ``worker``."""
+        """``call`` returned the pickled value ``blob`` on ``worker`` (with the shared
+        segments ``attached`` to its reply: see :mod:`~dspool_jupyter.shm`)."""
         future = call.future
         future.stdout, future.stderr = stdout, stderr
         try:
-            value = cloudpickle.loads(blob)
+            value = (
+                shm.loads(blob, attached, writable=True) if attached else cloudpickle.loads(blob)
+            )
         except Exception as exc:
             self.fail(call, unloadable_result(call.program, worker.id, exc), worker)
         else:

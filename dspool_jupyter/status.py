@@ -80,6 +80,11 @@ class PoolStatus:
     ``done`` with a value, ``failed`` with an error, ``cancelled`` by the caller;
     ``queued`` calls waiting for a worker, ``running`` calls on a worker now (in flight),
     ``slots`` calls the ready workers can run at once (workers x concurrency).
+
+    Transfer (bytes, local backend; 0 on Dask): ``bytes_sent`` written into worker
+    sockets, ``bytes_received`` read from them, ``bytes_shared`` of arguments and results
+    that went as shared segments instead (they did not need sending), ``bytes_placed``
+    copied into segments by the pool (once per distinct large argument buffer).
     """
 
     state: str
@@ -98,6 +103,10 @@ class PoolStatus:
     done: int = 0
     cancelled: int = 0
     slots: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_shared: int = 0
+    bytes_placed: int = 0
 
     @property
     def ready(self) -> bool:

@@ -22,6 +22,7 @@ This module imports nothing of the kernel side (pool, magics, widgets).
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import ctypes.util
 import gc
@@ -45,7 +46,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import protocol
+from . import protocol, shm
 from .errors import ProgramNotFound
 from .store import ProgramSpec, ProgramStore
 
@@ -91,9 +92,33 @@ class _Worker:
         self.programs: OrderedDict[str, Callable[..., Any]] = OrderedDict()
         self.max_result_bytes: int = int(config["max_result_bytes"])
         self.store = ProgramStore(config["store"], anonymous_ttl=config.get("anonymous_ttl"))
+        # [shm hook] descriptors received with frames, and the result threshold (bytes)
+        self.fds: collections.deque[int] = collections.deque()
+        self.shm_threshold: int | None = config.get("shared_memory_threshold")
 
     # -- plumbing
-    def send(self, kind: int, meta: tuple[Any, ...], blob: bytes = b"") -> None:
+    def send(
+        self,
+        kind: int,
+        meta: tuple[Any, ...],
+        blob: bytes = b"",
+        segments: list[shm.Segment] | None = None,
+    ) -> None:
+        if segments:  # [shm hook] a result's segments go with its frame, then are closed
+            try:
+                with self.send_lock:
+                    protocol.send_frame(
+                        self.sock,
+                        kind,
+                        meta,
+                        blob,
+                        [s.fd for s in segments],
+                        tuple(s.size for s in segments),
+                    )
+            finally:
+                for segment in segments:
+                    segment.close()
+            return
         with self.send_lock:
             protocol.send_frame(self.sock, kind, meta, blob)
 
@@ -156,7 +181,14 @@ class _Worker:
             blob = b""
         self.send(protocol.ERROR, (call_id, info, out, err), blob)
 
-    def handle_call(self, call_id: int, program_id: str, name: str, blob: bytes) -> None:
+    def handle_call(
+        self,
+        call_id: int,
+        program_id: str,
+        name: str,
+        blob: bytes,
+        attached: tuple[tuple[int, int], ...] = (),  # [shm hook] the frame's segments
+    ) -> None:
         self.current_call = call_id
         out_buf, err_buf = io.StringIO(), io.StringIO()
         try:
@@ -171,13 +203,15 @@ class _Worker:
                     "message": name,
                     "traceback": "",
                 }
+                shm.close_attached(attached)  # [shm hook]
                 self.send(protocol.ERROR, (call_id, info, "", ""), b"")
                 return
             except Exception as exc:
+                shm.close_attached(attached)  # [shm hook]
                 self._error_reply(call_id, "load", exc, "", "")
                 return
             try:
-                args, kwargs = cloudpickle.loads(blob)
+                args, kwargs = shm.loads(blob, attached)  # [shm hook] was cloudpickle.loads
             except Exception as exc:
                 self._error_reply(call_id, "args", exc, "", "")
                 return
@@ -203,7 +237,8 @@ class _Worker:
                 self.in_call = False
                 sys.stdout, sys.stderr = saved
             try:
-                result = cloudpickle.dumps(value)
+                # [shm hook] was cloudpickle.dumps(value): large buffers as segments
+                result, segments = shm.dumps_result(value, self.shm_threshold)
             except Exception as exc:
                 self._error_reply(
                     call_id,
@@ -213,19 +248,27 @@ class _Worker:
                     err_buf.getvalue(),
                 )
                 return
-            if len(result) > self.max_result_bytes:
+            size = len(result) + sum(s.size for s in segments)
+            if size > self.max_result_bytes:
+                for segment in segments:
+                    segment.close()
                 self._error_reply(
                     call_id,
                     "result",
                     ValueError(
-                        f"the result is {len(result)} bytes pickled, over the pool's "
+                        f"the result is {size} bytes pickled, over the pool's "
                         f"max_result_bytes of {self.max_result_bytes}"
                     ),
                     out_buf.getvalue(),
                     err_buf.getvalue(),
                 )
                 return
-            self.send(protocol.RESULT, (call_id, out_buf.getvalue(), err_buf.getvalue()), result)
+            self.send(
+                protocol.RESULT,
+                (call_id, out_buf.getvalue(), err_buf.getvalue()),
+                result,
+                segments,  # [shm hook]
+            )
         finally:
             self.current_call = None
 
@@ -235,15 +278,16 @@ class _Worker:
         self.send(protocol.HELLO, (self.worker_id, os.getpid()))
         while True:
             try:
-                frame = protocol.recv_frame(self.sock)
+                frame = protocol.recv_frame(self.sock, self.fds)  # [shm hook] fds too
             except KeyboardInterrupt:
                 continue  # a cancel that arrived after its call finished
             if frame is None:
                 return
             kind, meta, blob = frame
             if kind == protocol.CALL:
-                call_id, program_id, name = meta
-                self.handle_call(call_id, program_id, name, blob)
+                call_id, program_id, name = meta[:3]
+                # [shm hook] a 4th meta element: the segments ((fd, size), ...)
+                self.handle_call(call_id, program_id, name, blob, meta[3] if len(meta) > 3 else ())
             elif kind == protocol.STOP:
                 return
             else:
