@@ -4,10 +4,10 @@ Decisions (issue 17):
 
 - **Pickle protocol 5, out of band.** Values are pickled with a ``buffer_callback``:
   every buffer pickle hands out of band (numpy arrays and anything that reduces to a
-  ``PickleBuffer``, at any depth; ``bytearray`` and ``memoryview`` at any depth through
-  :class:`_Pickler`; ``bytes`` only as a top-level argument or as the result itself,
-  because pickle never offers ``bytes`` to a reducer) that is at least ``threshold``
-  bytes goes into its own shared segment; smaller ones stay in the pickle.
+  ``PickleBuffer``, at any depth; ``memoryview`` at any depth through
+  :class:`_Pickler`; ``bytes`` and ``bytearray`` only as a top-level argument or as
+  the result itself, because the C pickler never offers them to a reducer) that is at
+  least ``threshold`` bytes goes into its own shared segment; smaller ones stay in the pickle.
 - **Anonymous segments.** A segment is a ``memfd_create`` file: it has no name, so
   nothing can be left behind by a crash (the memory is freed when the last descriptor
   and mapping are gone), and it is not limited by the size of ``/dev/shm`` (a memfd
@@ -167,19 +167,21 @@ def _rebuild_memoryview(buf: Any, fmt: str, shape: tuple[int, ...]) -> memoryvie
 
 
 class _Big:
-    """A top-level ``bytes`` argument or result, pickled as an out-of-band buffer."""
+    """A top-level ``bytes``/``bytearray`` argument or result, pickled out of band."""
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self.data = data
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuild_bytes, (pickle.PickleBuffer(self.data),)
+        rebuild = _rebuild_bytes if type(self.data) is bytes else _rebuild_bytearray
+        return rebuild, (pickle.PickleBuffer(self.data),)
 
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, protocol 5, with large ``bytearray``/``memoryview`` out of band."""
+    """cloudpickle, protocol 5, with large ``memoryview`` out of band (pickle offers
+    neither ``bytes`` nor ``bytearray`` to a reducer: see :func:`_wrap`)."""
 
     def __init__(self, file: io.BytesIO, threshold: int, callback: Callable[[Any], Any]) -> None:
         super().__init__(file, protocol=5, buffer_callback=callback)
@@ -187,8 +189,6 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
-        if kind is bytearray and len(obj) >= self.threshold:
-            return _rebuild_bytearray, (pickle.PickleBuffer(obj),)
         if kind is memoryview and obj.nbytes >= self.threshold and obj.c_contiguous:
             return _rebuild_memoryview, (pickle.PickleBuffer(obj), obj.format, obj.shape)
         return super().reducer_override(obj)
@@ -201,7 +201,10 @@ def _dumps(obj: Any, threshold: int, callback: Callable[[Any], Any]) -> bytes:
 
 
 def _wrap(value: Any, threshold: int) -> Any:
-    return _Big(value) if type(value) is bytes and len(value) >= threshold else value
+    kind = type(value)
+    if (kind is bytes or kind is bytearray) and len(value) >= threshold:
+        return _Big(value)
+    return value
 
 
 # ------------------------------------------------------------------ caller side
