@@ -20,7 +20,9 @@ Decisions (issue 17):
   destination is read-only``. The pool seals argument segments (``F_SEAL_WRITE``) so a
   program cannot corrupt a segment other calls share even by re-mapping it.
   ``bytes`` and ``bytearray`` are rebuilt by one copy out of the mapping (they must own
-  their memory); ``memoryview`` stays a read-only view.
+  their memory); ``memoryview`` stays a read-only view. A worker keeps its recent
+  argument mappings (:data:`WORKER_MAPPED_BYTES`), so the same array to the next call
+  costs no map, page faults or unmap; such a segment is freed once the worker drops it.
 - **Results** come back the same way (a fresh segment per buffer, written once by the
   worker); the pool maps them copy-on-write (``MAP_PRIVATE``), so a numpy result is an
   ordinary writable array that stays valid after its worker is gone.
@@ -30,7 +32,8 @@ Decisions (issue 17):
   its segment. A content hash would cost a hash of every large argument on every call
   (blake2b of 8 MB is several ms); identity costs nothing, and the guard that the
   owner did not change since is a comparison with the segment (memcmp speed, several
-  times faster than a hash, and exact), skipped for ``bytes``, which cannot change.
+  times faster than a hash, and exact), skipped for a whole ``bytes``, which cannot
+  change.
   A hit sends only the descriptor: the same array passed to 1,000 calls is copied once.
   The cache is bounded (:data:`CACHE_BYTES`, :data:`CACHE_ENTRIES`); a segment is freed
   when neither the cache nor a pending call holds it and no worker maps it.
@@ -45,6 +48,8 @@ Both sides import this module; it imports nothing of the kernel side.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import fcntl
 import io
 import logging
@@ -77,6 +82,8 @@ DEFAULT_THRESHOLD = 1 << 20  # bytes: smaller buffers stay in the pickle
 CACHE_BYTES = 2 << 30  # bytes of placed segments the caller's side keeps for reuse
 CACHE_ENTRIES = 256  # placed segments kept for reuse
 MAX_SEGMENTS_PER_FRAME = 64  # more out-of-band buffers in one value go in-band
+WORKER_MAPPED_BYTES = 256 << 20  # bytes of argument segments a worker keeps mapped
+WORKER_MAPPED_ENTRIES = 16  # argument segments a worker keeps mapped
 
 _SEALS = (
     getattr(fcntl, "F_SEAL_WRITE", 0)
@@ -140,25 +147,31 @@ def _new_segment(data: memoryview, seal: bool) -> Segment:
     return Segment(fd, size, view)
 
 
-COMPARE_CHUNK = 1 << 17  # words compared at once (a 1 MiB slice of each side)
+def _load_memcmp() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        memcmp = libc.memcmp
+    except (OSError, AttributeError):
+        return None
+    memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    memcmp.restype = ctypes.c_int
+    return memcmp
+
+
+_memcmp = _load_memcmp()
 
 
 def _same(a: memoryview, b: memoryview) -> bool:
-    """Whether ``a`` and ``b`` (flat, equal length) hold the same bytes."""
+    """Whether ``a`` and ``b`` (flat, equal length) hold the same bytes.
+
+    libc's memcmp through ctypes (measured 1.5x numpy's ``equal``, and it lets other
+    threads run); numpy only finds the two addresses of read-only buffers.
+    """
     np = sys.modules.get("numpy")
-    if np is None:
+    if np is None or _memcmp is None:
         return a == b
-    # Eight bytes at a time, in slices: no temporary as large as the array.
-    word = np.uint64 if a.nbytes % 8 == 0 else np.uint8
-    x, y = np.frombuffer(a, word), np.frombuffer(b, word)
-    equal = np.empty(min(x.size, COMPARE_CHUNK), dtype=bool)
-    for start in range(0, x.size, COMPARE_CHUNK):
-        stop = min(start + COMPARE_CHUNK, x.size)
-        out = equal[: stop - start]
-        np.equal(x[start:stop], y[start:stop], out=out)
-        if not out.all():
-            return False
-    return True
+    x, y = np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)
+    return bool(_memcmp(x.ctypes.data, y.ctypes.data, x.size) == 0)
 
 
 # ------------------------------------------------------------------ pickling
@@ -286,6 +299,10 @@ class Placer:
     def place(self, raw: memoryview) -> Segment | None:
         """The segment holding ``raw``'s bytes (reused when its owner is unchanged)."""
         owner = raw.obj
+        while type(owner) is memoryview and owner.obj is not None:
+            owner = owner.obj  # a fresh view per call of the same object
+        # Only a whole ``bytes`` is trusted unchanged: a view of part of one is compared.
+        trusted = type(owner) is bytes and len(owner) == raw.nbytes
         key = id(owner)
         with self.lock:
             entry = self.entries.get(key)
@@ -295,7 +312,7 @@ class Placer:
                     entry.holds(owner)
                     and segment.size == raw.nbytes
                     and segment.view is not None
-                    and (type(owner) is bytes or _same(raw, memoryview(segment.view)))
+                    and (trusted or _same(raw, memoryview(segment.view)))
                 ):
                     self.entries.move_to_end(key)
                     self.reused += raw.nbytes
@@ -384,13 +401,45 @@ def dumps_result(value: Any, threshold: int | None) -> tuple[bytes, list[Segment
         raise
 
 
+_mapped: collections.OrderedDict[tuple[int, int, int], mmap.mmap] = collections.OrderedDict()
+_mapped_lock = threading.Lock()
+
+
+def _map_shared(fd: int, size: int) -> mmap.mmap:
+    """A read-only mapping of argument segment ``fd``, reused while it is recent.
+
+    An argument segment never changes (sealed), and a mapping keeps its inode alive,
+    so (device, inode) names the same bytes for as long as we map it. Reuse saves the
+    map, the page faults and the unmap of every call after the first (measured: about
+    2 ms of an 8 MB argument's round trip).
+    """
+    info = os.fstat(fd)
+    key = (info.st_dev, info.st_ino, size)
+    with _mapped_lock:
+        view = _mapped.get(key)
+        if view is not None:
+            _mapped.move_to_end(key)
+            return view
+        view = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        _mapped[key] = view
+        total = sum(k[2] for k in _mapped)
+        while len(_mapped) > 1 and (
+            total > WORKER_MAPPED_BYTES or len(_mapped) > WORKER_MAPPED_ENTRIES
+        ):
+            old, _view = _mapped.popitem(last=False)
+            total -= old[2]  # unmapped when the last call using it lets go
+        return view
+
+
 def _map(attached: Sequence[tuple[int, int]], writable: bool) -> list[mmap.mmap]:
     # MAP_POPULATE was measured: no faster here (shmem maps 16 pages per fault).
-    access = mmap.ACCESS_COPY if writable else mmap.ACCESS_READ
     views = []
     try:
         for fd, size in attached:
-            views.append(mmap.mmap(fd, size, access=access))
+            if writable:
+                views.append(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
+            else:
+                views.append(_map_shared(fd, size))
     finally:
         close_attached(attached)
     return views

@@ -262,3 +262,14 @@ def test_fallback_to_the_socket_when_segments_cannot_be_made(tmp_path: Any) -> N
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
     assert proc.stderr.count("shared memory unavailable") == 1  # said once
+
+
+@pytest.mark.timeout(120)
+def test_views_of_one_bytes_at_different_offsets_are_not_confused(shm_pool: Pool) -> None:
+    big = bytes(range(256)) * (2 * MIB // 256 + 1)
+    view = memoryview(big)
+    n = 2 * MIB
+    first = shm_pool.run("kinds", view[0:n])
+    second = shm_pool.run("kinds", view[1 : n + 1])
+    assert first == [("memoryview", n, big[0:4])]
+    assert second == [("memoryview", n, big[1:5])]
