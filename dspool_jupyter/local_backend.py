@@ -161,6 +161,7 @@ class LocalBackend:
         self.bytes_sent = 0  # bytes written into worker sockets
         self.bytes_received = 0  # bytes read from worker sockets
         self.bytes_shared = 0  # bytes of arguments and results that went as segments
+        self._read_buffer = memoryview(bytearray(READ_CHUNK))  # loop thread only
         self.token = options.token
         self.env_extra: dict[str, str] = dict(options.env)
         self.d: Dispatcher | None = None
@@ -650,15 +651,16 @@ class LocalBackend:
                 return
             try:
                 while worker.state != "dead":
+                    buffer = self._read_buffer
                     try:
-                        data, fds = protocol.recv_some(sock, READ_CHUNK)
+                        n, fds = protocol.recv_some(sock, buffer)
                     except BlockingIOError:
                         return
-                    if not data:
+                    if not n:
                         shm.close_attached([(fd, 0) for fd in fds])
                         break
-                    self.bytes_received += len(data)
-                    for kind, meta, blob in worker.reader.feed(data, fds):
+                    self.bytes_received += n
+                    for kind, meta, blob in worker.reader.feed(buffer[:n], fds):
                         self._on_frame(worker, kind, meta, blob)
             except OSError:
                 pass

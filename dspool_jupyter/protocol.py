@@ -171,7 +171,9 @@ def recv_frame(
     kind, meta_len, blob_len = HEADER.unpack(header)
     if meta_len > MAX_META_BYTES:
         raise ProtocolError(f"frame meta of {meta_len} bytes")
-    body = _recv_exactly(sock, meta_len + blob_len, fds) if meta_len + blob_len else b""
+    # Descriptors ride on a frame's first byte, read with the header: the body is read
+    # with plain recv (recvmsg costs ~6 us more per read).
+    body = _recv_exactly(sock, meta_len + blob_len) if meta_len + blob_len else b""
     if body is None:
         return None
     meta = pickle.loads(body[:meta_len])
@@ -182,14 +184,17 @@ def recv_frame(
     return kind, meta, body[meta_len:]
 
 
-def recv_some(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
-    """Up to ``size`` bytes and the descriptors that came with them (non-blocking reads)."""
-    data, ancillary, flags, _addr = sock.recvmsg(size, ANCILLARY_SPACE)
+def recv_some(sock: socket.socket, buffer: memoryview) -> tuple[int, list[int]]:
+    """Read into ``buffer``: how many bytes, and the descriptors that came with them.
+
+    Into a buffer kept by the reader: ``recv(1 MiB)`` allocates a megabyte per read.
+    """
+    n, ancillary, flags, _addr = sock.recvmsg_into([buffer], ANCILLARY_SPACE)
     if not ancillary:
-        return data, []
+        return n, []
     fds: collections.deque[int] = collections.deque()
     _take_fds(ancillary, flags, fds)
-    return data, list(fds)
+    return n, list(fds)
 
 
 class FrameReader:
@@ -200,7 +205,7 @@ class FrameReader:
         self._fds: collections.deque[int] = collections.deque()
 
     def feed(
-        self, data: bytes, fds: Sequence[int] = ()
+        self, data: bytes | memoryview, fds: Sequence[int] = ()
     ) -> list[tuple[int, tuple[Any, ...], bytes]]:
         """The frames ``data`` completes; ``fds`` came with it (see the module docstring)."""
         self._buf += data
