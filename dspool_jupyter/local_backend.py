@@ -676,8 +676,11 @@ class LocalBackend:
 
     def _on_frame(self, worker: LocalWorker, kind: int, meta: tuple[Any, ...], blob: bytes) -> None:
         d = self._d()
+        attached = protocol.attached(meta)
+        if attached and kind != protocol.RESULT:
+            shm.close_attached(attached)  # only results bring segments back
+            attached = protocol.Attached()
         if kind == protocol.RESULT or kind == protocol.ERROR:
-            attached = meta[3] if kind == protocol.RESULT and len(meta) > 3 else ()
             call = d.release(worker, meta[0])
             if call is None:
                 shm.close_attached(attached)

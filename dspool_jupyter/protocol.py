@@ -12,7 +12,8 @@ Frames with shared segments (:mod:`~dspool_jupyter.shm`): the kind byte has
 :data:`WITH_FDS` set, the meta's last element is the tuple of the segments' sizes, and
 their descriptors ride as SCM_RIGHTS ancillary data on the frame's first byte (so they
 change no byte count of the stream). A receiver that passes a descriptor queue gets the
-kind without the flag and, as the meta's last element, ``((fd, size), ...)``; it owns
+kind without the flag and, as the meta's last element, an :class:`Attached` tuple
+``((fd, size), ...)`` (find it with :func:`attached`, wherever the meta ends); it owns
 those descriptors. Frames without segments are byte-for-byte what they were before.
 
 Both sides import only this module, so the worker never imports the kernel side.
@@ -41,8 +42,10 @@ __all__ = [
     "RESULT",
     "STOP",
     "WITH_FDS",
+    "Attached",
     "FrameReader",
     "ProtocolError",
+    "attached",
     "encode_frame",
     "recv_control",
     "recv_frame",
@@ -147,14 +150,30 @@ def _recv_exactly(
     return bytes(buf)
 
 
+class Attached(tuple[tuple[int, int], ...]):
+    """The segments a received frame carried, ``((fd, size), ...)``: its meta's last element.
+
+    A type of its own, so a receiver finds them by :func:`attached` and not by position
+    (a meta that grows an element does not shift them onto something else).
+    """
+
+    __slots__ = ()
+
+
+def attached(meta: tuple[Any, ...]) -> Attached:
+    """The segments that came with a received frame whose meta is ``meta`` (or none)."""
+    last = meta[-1] if meta else None
+    return last if isinstance(last, Attached) else Attached()
+
+
 def _attach(
     kind: int, meta: tuple[Any, ...], fds: collections.deque[int]
 ) -> tuple[int, tuple[Any, ...]]:
     sizes = meta[-1]
     if len(fds) < len(sizes):
         raise ProtocolError(f"a frame announced {len(sizes)} descriptors, {len(fds)} came")
-    attached = tuple((fds.popleft(), int(size)) for size in sizes)
-    return kind & ~WITH_FDS, (*meta[:-1], attached)
+    segments = Attached((fds.popleft(), int(size)) for size in sizes)
+    return kind & ~WITH_FDS, (*meta[:-1], segments)
 
 
 def recv_frame(

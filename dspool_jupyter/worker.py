@@ -286,8 +286,8 @@ class _Worker:
             kind, meta, blob = frame
             if kind == protocol.CALL:
                 call_id, program_id, name = meta[:3]
-                # [shm hook] a 4th meta element: the segments ((fd, size), ...)
-                self.handle_call(call_id, program_id, name, blob, meta[3] if len(meta) > 3 else ())
+                # [shm hook] the segments ((fd, size), ...) that came with the frame
+                self.handle_call(call_id, program_id, name, blob, protocol.attached(meta))
             elif kind == protocol.STOP:
                 return
             else:

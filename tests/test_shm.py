@@ -7,9 +7,11 @@ and the status counters say how many bytes were copied into segments at all.
 
 from __future__ import annotations
 
+import array
 import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dspool_jupyter import Pool
+from dspool_jupyter import Pool, protocol, shm
 from dspool_jupyter.errors import ProgramError, WorkerCrashed
 from tests.conftest import wait_for
 
@@ -231,7 +233,7 @@ def test_threshold_none_sends_everything_through_the_socket(
 FALLBACK = """
 import resource, signal, sys
 import numpy as np
-from dspool_jupyter import Pool
+from dspool_jupyter import Pool, protocol, shm
 
 # A real failure of memfd: every file this process tree grows past 256 KiB is EFBIG.
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -273,3 +275,32 @@ def test_views_of_one_bytes_at_different_offsets_are_not_confused(shm_pool: Pool
     second = shm_pool.run("kinds", view[1 : n + 1])
     assert first == [("memoryview", n, big[0:4])]
     assert second == [("memoryview", n, big[1:5])]
+
+
+@pytest.mark.timeout(30)
+def test_segments_are_found_by_type_not_by_position_in_the_meta() -> None:
+    # A reply whose meta grows an element (say, per-call usage) keeps its segments last.
+    a, b = socket.socketpair()
+    fd = os.memfd_create("dspool-test")
+    try:
+        os.ftruncate(fd, 16)
+        frame = protocol.encode_frame(
+            protocol.RESULT, (7, "out", "err", {"lm_calls": 1}), b"blob", (16,)
+        )
+        a.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        reader = protocol.FrameReader()
+        n, fds = protocol.recv_some(b, memoryview(bytearray(1 << 16)))
+        assert len(fds) == 1
+        frames = reader.feed(frame[:n], fds)
+        assert len(frames) == 1
+        kind, meta, blob = frames[0]
+        assert kind == protocol.RESULT and blob == b"blob"
+        assert meta[:4] == (7, "out", "err", {"lm_calls": 1})
+        (got,) = protocol.attached(meta)
+        assert got[1] == 16 and os.fstat(got[0]).st_ino == os.fstat(fd).st_ino
+        shm.close_attached([got])
+        assert protocol.attached((7, "out", "err", {"lm_calls": 1})) == ()
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
