@@ -46,6 +46,7 @@ class BackendOptions:
     connect_timeout: float
     token: str
     env: dict[str, str]  # what every worker's environment needs (the LM broker's address)
+    shared_memory_threshold: int | None = None  # bytes; None: no shared segments
 
 
 @dataclass(eq=False)

@@ -91,6 +91,7 @@ class Call:
     deadline: Any = None  # its timeout's supervisor.Deadline while it runs
     grace: Any = None  # after an interrupt: the Deadline by which it must have stopped
     handle: Any = None
+    segments: tuple[Any, ...] = ()  # shm.Segment of its large arguments (local backend)
 
 
 def resolve(future: CallFuture, value: Any) -> bool:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from . import shm
 from .calls import Call, CallFuture, reject, resolve
 from .errors import (
     CallCancelled,
@@ -492,12 +493,16 @@ class Dispatcher:
         stdout: str,
         stderr: str,
         usage: dict[str, Any] | None = None,
+        attached: tuple[tuple[int, int], ...] = (),
     ) -> None:
-        """``call`` returned the pickled value ``blob`` on ``worker`` (``usage``: its LM use)."""
+        """``call`` returned the pickled value ``blob`` on ``worker`` (``usage``: its LM use;
+        ``attached``: the shared segments attached to its reply, see :mod:`~dspool_jupyter.shm`)."""
         future = call.future
         future.stdout, future.stderr, future.usage = stdout, stderr, usage
         try:
-            value = cloudpickle.loads(blob)
+            value = (
+                shm.loads(blob, attached, writable=True) if attached else cloudpickle.loads(blob)
+            )
         except Exception as exc:
             self.fail(call, unloadable_result(call.program, worker.id, exc), worker)
         else:

@@ -20,6 +20,13 @@ puts a call behind a long one while another worker is free). A running call is
 interrupted with SIGINT, and a timeout kills and replaces the worker. At concurrency K
 > 1 a worker runs up to K calls at once (threads, or its event loop for ``async def``
 entries) and one call is interrupted with an ``INTERRUPT`` frame.
+
+Large buffers of arguments and results travel as shared segments whose descriptors ride
+with the frame (:mod:`~dspool_jupyter.shm`): the ``Placer`` here pickles a call's
+arguments in the caller's thread (``Pool.submit``), :meth:`LocalBackend.send` attaches
+the segments' descriptors, and replies may bring segments back. Descriptors are
+ancillary data, so the byte counts above are unchanged; a frame waiting in the outbox
+keeps its segments alive until it is sent.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import protocol
+from . import protocol, shm
 from .backend import BackendOptions, KillReason, WorkerSlot, call_locked_soon
 from .errors import DspoolError
 
@@ -76,6 +83,21 @@ class TemplateHandle:
     ready: bool = False
 
 
+class _WithFds:
+    """An outbox entry whose descriptors have not gone yet (they go with its first byte)."""
+
+    __slots__ = ("segments", "view")
+
+    def __init__(self, view: memoryview, segments: tuple[shm.Segment, ...]) -> None:
+        self.view = view
+        self.segments = segments
+
+
+def _send_with_fds(sock: socket.socket, entry: _WithFds) -> int:
+    fds = array.array("i", [segment.fd for segment in entry.segments])
+    return sock.sendmsg([entry.view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+
+
 @dataclass(eq=False)
 class LocalWorker(WorkerSlot):
     """A local worker process: its socket, the copy of its end, and what was sent."""
@@ -83,7 +105,7 @@ class LocalWorker(WorkerSlot):
     sock: socket.socket | None = None
     peer: socket.socket | None = None  # our copy of the worker's end (see module doc)
     template: TemplateHandle | None = None
-    outbox: collections.deque[memoryview] = field(default_factory=collections.deque)
+    outbox: collections.deque[memoryview | _WithFds] = field(default_factory=collections.deque)
     reader: protocol.FrameReader = field(default_factory=protocol.FrameReader)
     sent_bytes: int = 0
     reading: bool = False
@@ -148,7 +170,14 @@ class LocalBackend:
             "max_result_bytes": options.max_result_bytes,
             "memory_limit": options.memory_limit,
             "concurrency": options.concurrency,
+            "shared_memory_threshold": options.shared_memory_threshold,
         }
+        threshold = options.shared_memory_threshold
+        self.placer = None if threshold is None else shm.Placer(threshold, self._on_shm_fallback)
+        self.bytes_sent = 0  # bytes written into worker sockets
+        self.bytes_received = 0  # bytes read from worker sockets
+        self.bytes_shared = 0  # bytes of arguments and results that went as segments
+        self._read_buffer = memoryview(bytearray(READ_CHUNK))  # loop thread only
         self.token = options.token
         self.env_extra: dict[str, str] = dict(options.env)
         self.d: Dispatcher | None = None
@@ -201,15 +230,34 @@ class LocalBackend:
         assert callable(callback)
         call_locked_soon(self._loop, self._d().lock, callback)
 
+    def transfer_counts(self) -> dict[str, int]:
+        """The status snapshot's byte counters (see :class:`~.status.PoolStatus`)."""
+        placer = self.placer
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "bytes_shared": self.bytes_shared,
+            "bytes_placed": 0 if placer is None else placer.placed,
+        }
+
+    def _on_shm_fallback(self, message: str) -> None:
+        d = self.d
+        if d is not None:
+            d.last_error = message
+
     def send(self, slot: WorkerSlot, call: Call) -> bool:
         assert isinstance(slot, LocalWorker)
         sock = slot.sock
         if sock is None or sock.fileno() == -1:
             return False
+        segments = call.segments
+        if segments:
+            return self._send_with_segments(slot, sock, call, segments)
         frame = protocol.encode_frame(
             protocol.CALL, (call.id, call.program_id, call.program), call.blob
         )
         slot.sent_bytes += len(frame)
+        self.bytes_sent += len(frame)
         call.handle = slot.sent_bytes  # where its frame ends in the worker's stream
         if slot.outbox:  # an earlier frame is still part-way out: keep the order
             slot.outbox.append(memoryview(frame))
@@ -229,12 +277,52 @@ class LocalBackend:
                 self.call_soon(lambda: self._watch_writable(slot))
         return True
 
+    def _send_with_segments(
+        self,
+        slot: LocalWorker,
+        sock: socket.socket,
+        call: Call,
+        segments: tuple[shm.Segment, ...],
+    ) -> bool:
+        frame = protocol.encode_frame(
+            protocol.CALL,
+            (call.id, call.program_id, call.program),
+            call.blob,
+            tuple(segment.size for segment in segments),
+        )
+        entry = _WithFds(memoryview(frame), segments)
+        slot.sent_bytes += len(frame)
+        self.bytes_sent += len(frame)
+        self.bytes_shared += sum(segment.size for segment in segments)
+        call.handle = slot.sent_bytes
+        if slot.outbox:
+            slot.outbox.append(entry)
+            return True
+        try:
+            sent = _send_with_fds(sock, entry)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            slot.sent_bytes -= len(frame)
+            return False
+        if sent == 0:
+            slot.outbox.append(entry)
+        elif sent < len(frame):
+            slot.outbox.append(entry.view[sent:])  # the descriptors went with byte one
+        if sent < len(frame):
+            if self.on_loop_thread():
+                self._watch_writable(slot)
+            else:
+                self.call_soon(lambda: self._watch_writable(slot))
+        return True
+
     def interrupt(self, slot: WorkerSlot, call: Call) -> None:
         assert isinstance(slot, LocalWorker)
         if slot.slots > 1:
             reason = "cancel" if call.future.cancelled() else "timeout"
             frame = protocol.encode_frame(protocol.INTERRUPT, (call.id, reason))
             slot.sent_bytes += len(frame)
+            self.bytes_sent += len(frame)
             self._send_raw(slot, frame)
         elif self.on_loop_thread():
             self._signal_call(slot, call)
@@ -269,7 +357,9 @@ class LocalBackend:
 
     def _consumed(self, worker: LocalWorker) -> int:
         """How many bytes of its stream ``worker`` has read."""
-        unsent = sum(len(view) for view in worker.outbox)
+        unsent = sum(
+            len(entry.view if isinstance(entry, _WithFds) else entry) for entry in worker.outbox
+        )
         unread = _unread_bytes(worker.peer) if worker.peer is not None else 0
         return worker.sent_bytes - unsent - unread
 
@@ -585,13 +675,16 @@ class LocalBackend:
                 return
             try:
                 while worker.state != "dead":
+                    buffer = self._read_buffer
                     try:
-                        data = sock.recv(READ_CHUNK)
+                        n, fds = protocol.recv_some(sock, buffer)
                     except BlockingIOError:
                         return
-                    if not data:
+                    if not n:
+                        shm.close_attached([(fd, 0) for fd in fds])
                         break
-                    for kind, meta, blob in worker.reader.feed(data):
+                    self.bytes_received += n
+                    for kind, meta, blob in worker.reader.feed(buffer[:n], fds):
                         self._on_frame(worker, kind, meta, blob)
             except OSError:
                 pass
@@ -607,13 +700,21 @@ class LocalBackend:
 
     def _on_frame(self, worker: LocalWorker, kind: int, meta: tuple[Any, ...], blob: bytes) -> None:
         d = self._d()
+        attached = protocol.attached(meta)
+        if attached and kind != protocol.RESULT:
+            shm.close_attached(attached)  # only results bring segments back
+            attached = protocol.Attached()
         if kind == protocol.RESULT or kind == protocol.ERROR:
             call = d.release(worker, meta[0])
             if call is None:
+                shm.close_attached(attached)
                 return  # a reply to a call this worker no longer runs: never hand it on
+            call.segments = ()
             self._learn_duration(call)
             if kind == protocol.RESULT:
-                d.settle_value(worker, call, blob, meta[1], meta[2], meta[3])
+                if attached:
+                    self.bytes_shared += sum(size for _fd, size in attached)
+                d.settle_value(worker, call, blob, meta[1], meta[2], meta[3], attached)
             else:
                 d.settle_error(worker, call, meta[1], blob, meta[2], meta[3], meta[4])
         elif kind == protocol.HEARTBEAT:
@@ -667,9 +768,13 @@ class LocalBackend:
             if sock is None:
                 return
             while worker.outbox:
-                view = worker.outbox[0]
+                entry = worker.outbox[0]
+                view = entry.view if isinstance(entry, _WithFds) else entry
                 try:
-                    sent = sock.send(view)
+                    if isinstance(entry, _WithFds):
+                        sent = _send_with_fds(sock, entry)
+                    else:
+                        sent = sock.send(view)
                 except BlockingIOError:
                     return
                 except OSError:
@@ -693,10 +798,12 @@ class LocalBackend:
         self._stop_reading(worker)
         sock, peer = worker.sock, worker.peer
         worker.sock = worker.peer = None
+        worker.reader.close()
         if sock is not None and sock.fileno() != -1:
             if worker.outbox:
                 assert self._loop is not None
                 self._loop.remove_writer(sock.fileno())
+                worker.outbox.clear()
             sock.close()
         if peer is not None:
             peer.close()
@@ -759,3 +866,5 @@ class LocalBackend:
                 if isinstance(worker, LocalWorker):
                     self._close_sockets(worker)
             d.end_shutdown()
+            if self.placer is not None:
+                self.placer.clear()

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from . import registry
+from . import registry, shm
 from .backend import BackendOptions
 from .calls import CallFuture, echo_output
 from .dispatch import (
@@ -141,7 +141,11 @@ class Pool:
     ``MemoryError``, reported as :class:`ProgramError`. ``backend``: ``"local"`` or
     ``"dask"`` (with ``address``, the scheduler, or None for a private
     ``LocalCluster``). The pool starts at once; ``wait_ready`` blocks until every worker
-    is ready (calls made before then queue).
+    is ready (calls made before then queue). ``shared_memory_threshold``: arguments'
+    and results' buffers of at least this many bytes (numpy arrays, ``bytearray``,
+    ``memoryview``, a top-level ``bytes``) go to local workers as shared memory, not
+    through the socket; the worker sees them read-only (None: always the socket). See
+    :mod:`dspool_jupyter.shm`.
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class Pool:
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         worker_memory_limit: int | None = None,
         connect_timeout: float = 10.0,
+        shared_memory_threshold: int | None = shm.DEFAULT_THRESHOLD,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -178,6 +183,13 @@ class Pool:
             raise ValueError(
                 "worker_memory_limit must be at least 64 MiB (in bytes), "
                 f"got {worker_memory_limit!r}"
+            )
+        if shared_memory_threshold is not None and (
+            not isinstance(shared_memory_threshold, int) or shared_memory_threshold < 1
+        ):
+            raise ValueError(
+                "shared_memory_threshold must be a positive number of bytes or None, "
+                f"got {shared_memory_threshold!r}"
             )
         self.preload = preload_modules(preload)
         self.store = store if isinstance(store, ProgramStore) else ProgramStore(store)
@@ -229,6 +241,7 @@ class Pool:
             connect_timeout=connect_timeout,
             token=self.token,
             env=self.limits.env,
+            shared_memory_threshold=shared_memory_threshold,
         )
         try:
             self._backend = getattr(module, class_name)(options)
@@ -237,6 +250,7 @@ class Pool:
         except BaseException:
             self.limits.close()
             raise
+        self._placer: shm.Placer | None = getattr(self._backend, "placer", None)
         if backend != "local":
             # Remote workers learn the broker's address from a set-up (new workers too).
             self.set_worker_setup("llm_broker", _SET_ENV, self.limits.env)
@@ -424,13 +438,18 @@ class Pool:
         except ProgramNotFound as exc:
             future.set_exception(exc)
             return future
+        segments: tuple[shm.Segment, ...] = ()
         try:
-            blob = cloudpickle.dumps((args, kwargs))
+            if self._placer is None:
+                blob = cloudpickle.dumps((args, kwargs))
+            else:
+                blob, segments = self._placer.dumps_call(args, kwargs)
         except Exception as exc:
             future.set_exception(UnpicklableArguments(program, f"{type(exc).__name__}: {exc}"))
             return future
         d = self._dispatcher
         call = d.new_call(future, program_id, session, blob, timeout)
+        call.segments = segments
         with _InterruptsHeld(future):
             stack = getattr(_tracking, "stack", None)
             if stack:
@@ -499,6 +518,9 @@ class Pool:
         import the preloads in their hello task, each on its own).
         """
         status = self._dispatcher.status(closing=self._closing)
+        counts = getattr(self._backend, "transfer_counts", None)
+        if counts is not None:
+            status = dataclasses.replace(status, **counts())
         if not self.preload:
             return status
         started_at, seconds = getattr(self._backend, "preload_times", (None, None))

@@ -35,6 +35,11 @@ Decisions recorded here:
   is released and the failed call's frames are cleared before the reply is built, then
   the reserve is taken again; :func:`memory_exhausted` says when the process cannot
   recover (the worker then exits, see :mod:`dspool_jupyter.worker`).
+- **Shared memory is the local worker's.** A local worker passes the segments that came
+  with a call's frame to :func:`prepare_call` and its pool's threshold to
+  :func:`run_call`/:func:`arun_call`, so large arguments are read-only views and large
+  results go back as segments (:mod:`dspool_jupyter.shm`); the Dask tasks pass neither
+  and keep Dask's transport (plain cloudpickle).
 
 Imports nothing of the kernel side.
 """
@@ -50,7 +55,7 @@ import sys
 import threading
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -58,7 +63,7 @@ from typing import Any, TextIO, cast
 
 import cloudpickle
 
-from . import llm
+from . import llm, shm
 from .context import CallContext, current_call
 from .programs import build_program
 from .store import ProgramSpec
@@ -257,13 +262,16 @@ class Reply:
     """A call's outcome: ``info is None`` for a value (``blob`` = the pickled value), else
     the error description and ``blob`` = the pickled exception or ``b""``. ``usage`` is
     the call's LM usage (:meth:`dspool_jupyter.usage.Usage.as_dict`) when it made LM
-    requests, else None."""
+    requests, else None. ``segments``: the value's large buffers as shared segments
+    (:mod:`dspool_jupyter.shm`), sent with the reply's frame and then closed by whoever
+    sends it; empty unless a shared-memory threshold was given."""
 
     info: dict[str, Any] | None
     out: str
     err: str
     blob: bytes
     usage: dict[str, Any] | None = None
+    segments: list[shm.Segment] = field(default_factory=list)
 
 
 def safe_str(exc: BaseException) -> str:
@@ -451,9 +459,16 @@ class CallState:
                 _withdraw_from_thread(self.thread_id)
 
 
-def prepare_call(blob: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The call's ``(args, kwargs)`` from its pickled arguments (raises what loading raised)."""
-    args, kwargs = cloudpickle.loads(blob)
+def prepare_call(
+    blob: bytes, attached: Sequence[tuple[int, int]] = ()
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's ``(args, kwargs)`` from its pickled arguments (raises what loading raised).
+
+    ``attached``: the shared segments that came with the call's frame (a local worker's;
+    see :mod:`~dspool_jupyter.shm`), mapped read-only; their descriptors are closed here,
+    whether or not loading succeeds.
+    """
+    args, kwargs = shm.loads(blob, attached)
     return args, kwargs
 
 
@@ -471,6 +486,7 @@ def _finish(
     streams: tuple[CappedText, CappedText],
     state: CallState | None,
     max_result_bytes: int,
+    shm_threshold: int | None = None,
 ) -> Reply:
     out, err = streams
     if outcome is not None:
@@ -488,7 +504,8 @@ def _finish(
             return error_reply("cancelled", outcome, out.getvalue(), err.getvalue())
         return error_reply("run", outcome, out.getvalue(), err.getvalue(), skip_frames=1)
     try:
-        result = cloudpickle.dumps(value)
+        # Buffers of at least shm_threshold bytes go as shared segments (None: none do).
+        result, segments = shm.dumps_result(value, shm_threshold)
     except Exception as exc:
         return error_reply(
             "result",
@@ -504,17 +521,20 @@ def _finish(
             out.getvalue(),
             err.getvalue(),
         )
-    if len(result) > max_result_bytes:
+    size = len(result) + sum(segment.size for segment in segments)
+    if size > max_result_bytes:
+        for segment in segments:
+            segment.close()
         return error_reply(
             "result",
             ValueError(
-                f"the result is {len(result)} bytes pickled, over the pool's "
+                f"the result is {size} bytes pickled, over the pool's "
                 f"max_result_bytes of {max_result_bytes}"
             ),
             out.getvalue(),
             err.getvalue(),
         )
-    return Reply(None, out.getvalue(), err.getvalue(), result)
+    return Reply(None, out.getvalue(), err.getvalue(), result, segments=segments)
 
 
 def run_call(
@@ -525,12 +545,15 @@ def run_call(
     context: CallContext | None = None,
     state: CallState | None = None,
     solo: bool = False,
+    shm_threshold: int | None = None,
 ) -> Reply:
     """Call ``fn(*args, **kwargs)`` in this thread and describe the outcome as a reply.
 
     A coroutine that ``fn`` returns is run to its end on a new event loop here. The
     result's pickled size is checked against ``max_result_bytes`` (bytes). ``solo``:
     this is the process's only call, so output from threads the program starts is its.
+    ``shm_threshold``: the result's buffers of at least this many bytes go as shared
+    segments (:attr:`Reply.segments`, a local worker's); None (Dask): plain cloudpickle.
     """
     streams = (CappedText(), CappedText())
     token = _streams.set(streams)
@@ -559,7 +582,7 @@ def run_call(
         if solo:
             _solo[0] = None
         install_output_capture()
-    reply = _finish(value, outcome, streams, state, max_result_bytes)
+    reply = _finish(value, outcome, streams, state, max_result_bytes, shm_threshold)
     reply.usage = _usage_dict(usage)
     return reply
 
@@ -571,6 +594,7 @@ async def arun_call(
     max_result_bytes: int,
     context: CallContext | None = None,
     state: CallState | None = None,
+    shm_threshold: int | None = None,
 ) -> Reply:
     """Await ``fn(*args, **kwargs)`` in the running loop's current task; like :func:`run_call`.
 
@@ -595,7 +619,7 @@ async def arun_call(
         outcome = exc
     finally:
         install_output_capture()
-    reply = _finish(value, outcome, streams, state, max_result_bytes)
+    reply = _finish(value, outcome, streams, state, max_result_bytes, shm_threshold)
     reply.usage = _usage_dict(usage)
     return reply
 

@@ -149,6 +149,11 @@ class PoolStatus:
     Start-up: ``preload`` lists the modules the template imports before any worker can
     fork; ``preload_started_at`` is when that import began and ``preload_seconds`` how
     long it took (None while it runs, and when nothing is preloaded).
+
+    Transfer (bytes, local backend; 0 on Dask): ``bytes_sent`` written into worker
+    sockets, ``bytes_received`` read from them, ``bytes_shared`` of arguments and results
+    that went as shared segments instead (they did not need sending), ``bytes_placed``
+    copied into segments by the pool (once per distinct large argument buffer).
     """
 
     state: str  # a PoolState
@@ -170,6 +175,10 @@ class PoolStatus:
     preload: tuple[str, ...] = ()
     preload_started_at: float | None = None
     preload_seconds: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_shared: int = 0
+    bytes_placed: int = 0
 
     @property
     def ready(self) -> bool:

@@ -12,7 +12,9 @@ pure functions :func:`render_html` / :func:`render_text` and the widgets only re
   ``calls`` every call that ended, split into ``done``, ``failed`` and ``cancelled``;
   ``in flight`` calls running now out of the ``slots`` the ready workers have;
   ``queued`` calls waiting for a slot; while the template imports the preloads, what it
-  imports and for how long so far;
+  imports and for how long so far; under it, once anything travelled, the bytes the
+  worker sockets carried and the bytes that went as shared memory instead
+  (:func:`transfer_text`; the local backend's counters, absent on Dask);
 - the provider limits when the pool has any (:mod:`dspool_jupyter.limits`): per model
   the achieved requests/min and tokens/min against its limit, in flight and 429s seen;
   the LM usage so far (requests, tokens, cost) and the budget's spend;
@@ -178,6 +180,7 @@ class ViewModel:
     starting: str = ""  # what the start-up is doing, when it says more than the count
     died_recently: int = 0  # workers that died within DEAD_ROW_SECONDS
     limits: tuple[str, ...] = ()  # LimitsSnapshot.lines(): limits, usage, budget
+    transfer: str = ""  # transfer_text(): bytes sent, received, shared and placed
 
 
 def starting_text(status: PoolStatus, now: float | None = None) -> str:
@@ -187,6 +190,22 @@ def starting_text(status: PoolStatus, now: float | None = None) -> str:
     now = time.time() if now is None else now
     so_far = max(0.0, now - status.preload_started_at)
     return f"importing {', '.join(status.preload)} in the template ({so_far:.0f} s so far)"
+
+
+def transfer_text(status: PoolStatus) -> str:
+    """The byte counters in one line, or '' while nothing travelled (and on Dask).
+
+    ``sent``/``received`` went through the worker sockets; ``shared`` went as shared
+    memory instead (it did not need sending); ``placed`` was copied into segments.
+    """
+    counts = (status.bytes_sent, status.bytes_received, status.bytes_shared)
+    if not any(counts) and not status.bytes_placed:
+        return ""
+    return (
+        f"bytes: {_bytes(status.bytes_sent)} sent, {_bytes(status.bytes_received)} received, "
+        f"{_bytes(status.bytes_shared)} shared instead of sent "
+        f"({_bytes(status.bytes_placed)} placed)"
+    )
 
 
 def build_model(
@@ -253,6 +272,7 @@ def build_model(
         starting=starting_text(status, now),
         died_recently=died,
         limits=tuple(limits.lines()) if limits is not None else (),
+        transfer=transfer_text(status),
     )
 
 
@@ -332,6 +352,8 @@ def render_text(model: ViewModel | None) -> str:
     if model is None:
         return summary_text(None)
     lines = [f"dspool pool: {_headline(model)}"]
+    if model.transfer:
+        lines.append(model.transfer)
     if model.last_error:
         lines.append(f"last error: {model.last_error}")
     lines.extend(model.limits)
@@ -404,9 +426,15 @@ def _headline_html(model: ViewModel) -> str:
             f'<br><span style="color:{ERROR_COLOUR}">last error: '
             f"{html.escape(model.last_error)}</span>"
         )
+    transfer = ""
+    if model.transfer:
+        transfer = (
+            f'<br><span class="dspool-transfer" style="color:#757575">'
+            f"{html.escape(model.transfer)}</span>"
+        )
     return (
         f'<span class="dspool-headline"><b>dspool pool</b> {_state_badge(model.state)} '
-        f"{html.escape(counts_text(model))}{error}</span>"
+        f"{html.escape(counts_text(model))}{transfer}{error}</span>"
     )
 
 

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import ctypes
 import ctypes.util
@@ -84,7 +85,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from . import protocol, runtime
+from . import protocol, runtime, shm
 from .context import CallContext
 from .errors import ProgramNotFound
 from .store import ProgramStore
@@ -135,9 +136,33 @@ class _Worker:
         self.memory_limit = config.get("memory_limit")
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # [shm hook] descriptors received with frames, and the result threshold (bytes)
+        self.fds: collections.deque[int] = collections.deque()
+        self.shm_threshold: int | None = config.get("shared_memory_threshold")
 
     # -- plumbing
-    def send(self, kind: int, meta: tuple[Any, ...], blob: bytes = b"") -> None:
+    def send(
+        self,
+        kind: int,
+        meta: tuple[Any, ...],
+        blob: bytes = b"",
+        segments: list[shm.Segment] | None = None,
+    ) -> None:
+        if segments:  # [shm hook] a result's segments go with its frame, then are closed
+            try:
+                with self.send_lock:
+                    protocol.send_frame(
+                        self.sock,
+                        kind,
+                        meta,
+                        blob,
+                        [s.fd for s in segments],
+                        tuple(s.size for s in segments),
+                    )
+            finally:
+                for segment in segments:
+                    segment.close()
+            return
         with self.send_lock:
             protocol.send_frame(self.sock, kind, meta, blob)
 
@@ -145,11 +170,13 @@ class _Worker:
         try:
             if reply.info is None:
                 meta: tuple[Any, ...] = (call_id, reply.out, reply.err, reply.usage)
-                self.send(protocol.RESULT, meta, reply.blob)
+                self.send(protocol.RESULT, meta, reply.blob, reply.segments)  # [shm hook]
             else:
                 meta = (call_id, reply.info, reply.out, reply.err, reply.usage)
                 self.send(protocol.ERROR, meta, reply.blob)
         except MemoryError:
+            for segment in reply.segments:  # [shm hook] closed by send, unless it never ran
+                segment.close()
             del reply
             self.send(protocol.ERROR, (call_id, _OUT_OF_MEMORY, "", "", None))  # small: may fit
         if self.memory_limit and runtime.memory_exhausted(int(self.memory_limit)):
@@ -202,14 +229,22 @@ class _Worker:
             return runtime.error_reply("load", exc)
         return fn
 
-    def handle_call(self, call_id: int, program_id: str, name: str, blob: bytes) -> None:
+    def handle_call(
+        self,
+        call_id: int,
+        program_id: str,
+        name: str,
+        blob: bytes,
+        attached: tuple[tuple[int, int], ...] = (),  # [shm hook] the frame's segments
+    ) -> None:
         """Run one call in the main thread (concurrency 1); SIGINT interrupts it."""
         fn = self.load(program_id, name)
         if isinstance(fn, runtime.Reply):
+            shm.close_attached(attached)  # [shm hook]
             self.reply(call_id, fn)
             return
         try:
-            args, kwargs = runtime.prepare_call(blob)
+            args, kwargs = runtime.prepare_call(blob, attached)  # [shm hook] closes them
         except Exception as exc:
             self.reply(call_id, runtime.error_reply("args", exc))
             return
@@ -218,7 +253,14 @@ class _Worker:
         self.state = state
         try:
             reply = runtime.run_call(
-                fn, args, kwargs, self.max_result_bytes, context, state, solo=True
+                fn,
+                args,
+                kwargs,
+                self.max_result_bytes,
+                context,
+                state,
+                solo=True,
+                shm_threshold=self.shm_threshold,  # [shm hook]
             )
         finally:
             self.state = None
@@ -233,19 +275,23 @@ class _Worker:
         self.send(protocol.HELLO, (self.worker_id, os.getpid()))
         while True:
             try:
-                frame = protocol.recv_frame(self.sock)
+                frame = protocol.recv_frame(self.sock, self.fds)  # [shm hook] fds too
             except KeyboardInterrupt:
                 continue  # a cancel that arrived after its call finished
             if frame is None:
                 return
             kind, meta, blob = frame
+            # [shm hook] the segments ((fd, size), ...) that came with the frame
+            attached = protocol.attached(meta)
             if kind == protocol.CALL:
-                call_id, program_id, name = meta
+                call_id, program_id, name = meta[:3]
                 if self.concurrency == 1:
-                    self.handle_call(call_id, program_id, name, blob)
+                    self.handle_call(call_id, program_id, name, blob, attached)
                 else:
-                    self._submit(call_id, program_id, name, blob)
-            elif kind == protocol.INTERRUPT:
+                    self._submit(call_id, program_id, name, blob, attached)
+                continue
+            shm.close_attached(attached)  # only a call's frame carries segments
+            if kind == protocol.INTERRUPT:
                 with self.running_lock:
                     state = self.running.get(meta[0])
                 if state is not None:
@@ -264,12 +310,19 @@ class _Worker:
         self.loop = loop
         threading.Thread(target=loop.run_forever, name="dspool-asyncio", daemon=True).start()
 
-    def _submit(self, call_id: int, program_id: str, name: str, blob: bytes) -> None:
+    def _submit(
+        self,
+        call_id: int,
+        program_id: str,
+        name: str,
+        blob: bytes,
+        attached: tuple[tuple[int, int], ...] = (),  # [shm hook] the frame's segments
+    ) -> None:
         assert self.executor is not None
         state = runtime.CallState(call_id)
         with self.running_lock:
             self.running[call_id] = state
-        self.executor.submit(self._thread_call, state, program_id, name, blob)
+        self.executor.submit(self._thread_call, state, program_id, name, blob, attached)
 
     def _finish(self, state: runtime.CallState, reply: runtime.Reply) -> None:
         with self.running_lock:
@@ -277,15 +330,21 @@ class _Worker:
         self.reply(state.call_id, reply)
 
     def _thread_call(
-        self, state: runtime.CallState, program_id: str, name: str, blob: bytes
+        self,
+        state: runtime.CallState,
+        program_id: str,
+        name: str,
+        blob: bytes,
+        attached: tuple[tuple[int, int], ...] = (),  # [shm hook] the frame's segments
     ) -> None:
         try:
             fn = self.load(program_id, name)
             if isinstance(fn, runtime.Reply):
+                shm.close_attached(attached)  # [shm hook]
                 self._finish(state, fn)
                 return
             try:
-                args, kwargs = runtime.prepare_call(blob)
+                args, kwargs = runtime.prepare_call(blob, attached)  # [shm hook] closes them
             except Exception as exc:
                 self._finish(state, runtime.error_reply("args", exc))
                 return
@@ -298,7 +357,15 @@ class _Worker:
                 )
                 return
             state.thread_id = threading.get_ident()
-            reply = runtime.run_call(fn, args, kwargs, self.max_result_bytes, context, state)
+            reply = runtime.run_call(
+                fn,
+                args,
+                kwargs,
+                self.max_result_bytes,
+                context,
+                state,
+                shm_threshold=self.shm_threshold,  # [shm hook]
+            )
             self._finish(state, reply)
         except MemoryError:
             os._exit(protocol.EXIT_OUT_OF_MEMORY)
@@ -315,7 +382,15 @@ class _Worker:
     ) -> None:
         state.task = asyncio.current_task()
         try:
-            reply = await runtime.arun_call(fn, args, kwargs, self.max_result_bytes, context, state)
+            reply = await runtime.arun_call(
+                fn,
+                args,
+                kwargs,
+                self.max_result_bytes,
+                context,
+                state,
+                shm_threshold=self.shm_threshold,  # [shm hook]
+            )
         except BaseException as exc:  # a reply for every call, whatever broke
             reply = runtime.error_reply("run", exc)
         self._finish(state, reply)

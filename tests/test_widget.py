@@ -123,6 +123,35 @@ def test_render_text_and_html_one_meaning_per_word() -> None:
     assert "white-space:pre-wrap" in page  # a long traceback line wraps
 
 
+def test_byte_counters_show_under_the_headline_once_anything_travelled() -> None:
+    assert build_model(_status(), now=NOW).transfer == ""  # nothing yet, or Dask
+    counted = _status(
+        bytes_sent=3 * 1024, bytes_received=2 * 1024 * 1024, bytes_shared=400 * 1024 * 1024
+    )
+    model = build_model(replace(counted, bytes_placed=8 * 1024 * 1024), now=NOW)
+    line = "bytes: 3.0 KB sent, 2.0 MB received, 400.0 MB shared instead of sent (8.0 MB placed)"
+    assert model.transfer == line
+    assert render_text(model).splitlines()[1] == line
+    assert f'<span class="dspool-transfer" style="color:#757575">{line}</span>' in render_html(
+        model
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_real_pools_shared_bytes_reach_the_view(make_pool: Callable[..., Pool]) -> None:
+    np = pytest.importorskip("numpy")
+    pool = make_pool(1)
+    pool.wait_ready(60)
+    pool.define("total", "def total(x):\n    return float(x.sum())\n")
+    pool.run("total", np.ones(1 << 18))  # 2 MiB: over the 1 MiB threshold
+    view = StatusView(pool, widgets=False)
+    try:
+        model = view.refresh()
+    finally:
+        view.close()
+    assert "2.0 MB shared instead of sent (2.0 MB placed)" in model.transfer
+
+
 def test_failure_lines_say_it_once() -> None:
     text = render_text(build_model(_status(), now=NOW))
     assert text.splitlines()[-1] == "  bad on w2: ValueError: x0"
