@@ -100,7 +100,11 @@ def run_dspool(
         p.wait_ready(60)
         p.configure_lm("openai/bench", **lm_kwargs(url))
         p.define_signature("qa", "question -> answer")
-        p.run("qa", question="warm-up")
+        # Warm every worker and slot, as the one-process peers are warm after their
+        # warm-up call (LiteLLM imports its client lazily, per process, on first use).
+        warm = [p.submit("qa", question=f"warm-up {i}") for i in range(2 * concurrency)]
+        for future in warm:
+            future.result()
         times: list[float] = []
         started: dict[Future[Any], float] = {}
         pending = list(reversed(items))
