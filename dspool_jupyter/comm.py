@@ -38,7 +38,9 @@ Kernel to frontend:
   ``status["limits"]`` is the provider limits' snapshot
   (:meth:`dspool_jupyter.usage.LimitsSnapshot.as_dict`: ``models`` with their limits,
   achieved rates, in-flight requests and 429s, ``budget``, ``usage`` totals and
-  breakdowns), or ``null`` for a pool without limits.
+  breakdowns), or ``null`` for a pool without limits. ``status["transfer"]`` is the
+  widget's line of byte counters (sent, received, shared instead of sent, placed), or
+  ``""`` while nothing travelled (always on Dask).
   Snapshots are throttled: at most one every :data:`MIN_INTERVAL` seconds, coalescing
   everything that happened in between; a worker's death, a failed call, the pool
   becoming ready or closing (:data:`URGENT_EVENTS`) are sent at once (at most one every
@@ -72,7 +74,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .status import Departures, PoolView, limits_of
+from .status import Departures, PoolView, limits_of, transfer_text
 from .throttle import URGENT_EVENTS, Throttle
 
 if TYPE_CHECKING:
@@ -423,6 +425,7 @@ def _snapshot_and_departed(
     data: dict[str, Any] = status.to_dict()
     limits = limits_of(pool)
     data["limits"] = limits.as_dict() if limits is not None else None
+    data["transfer"] = transfer_text(status)  # the widget's words; '' until bytes travel
     failures = data.get("recent_failures")
     if isinstance(failures, (list, tuple)):
         data["recent_failures"] = [_trim_failure(f) for f in failures]

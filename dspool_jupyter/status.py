@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .usage import LimitsSnapshot
 
 __all__ = [
+    "format_bytes",
+    "transfer_text",
     "DEPARTED_SECONDS",
     "Departed",
     "Departures",
@@ -324,3 +326,31 @@ class Departures:
 def dead_recently(departed: Iterable[Departed]) -> int:
     """How many of ``departed`` died (rather than being stopped on purpose)."""
     return sum(1 for d in departed if d.state == "dead")
+
+
+def format_bytes(n: int | None) -> str:
+    """``n`` bytes for people ('512 B', '3.0 KB', '8.0 MB'); '-' for None."""
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"  # pragma: no cover
+
+
+def transfer_text(status: PoolStatus) -> str:
+    """The byte counters in one line, or '' while nothing travelled (and on Dask).
+
+    ``sent``/``received`` went through the worker sockets; ``shared`` went as shared
+    memory instead (it did not need sending); ``placed`` was copied into segments.
+    """
+    counts = (status.bytes_sent, status.bytes_received, status.bytes_shared)
+    if not any(counts) and not status.bytes_placed:
+        return ""
+    sent, received = format_bytes(status.bytes_sent), format_bytes(status.bytes_received)
+    shared, placed = format_bytes(status.bytes_shared), format_bytes(status.bytes_placed)
+    return f"bytes: {sent} sent, {received} received, {shared} shared instead of sent " + (
+        f"({placed} placed)"
+    )

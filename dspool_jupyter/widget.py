@@ -67,7 +67,9 @@ from .status import (
     FailedCall,
     PoolStatus,
     PoolView,
+    format_bytes,
     limits_of,
+    transfer_text,
 )
 from .throttle import URGENT_EVENTS, Throttle
 
@@ -192,22 +194,6 @@ def starting_text(status: PoolStatus, now: float | None = None) -> str:
     return f"importing {', '.join(status.preload)} in the template ({so_far:.0f} s so far)"
 
 
-def transfer_text(status: PoolStatus) -> str:
-    """The byte counters in one line, or '' while nothing travelled (and on Dask).
-
-    ``sent``/``received`` went through the worker sockets; ``shared`` went as shared
-    memory instead (it did not need sending); ``placed`` was copied into segments.
-    """
-    counts = (status.bytes_sent, status.bytes_received, status.bytes_shared)
-    if not any(counts) and not status.bytes_placed:
-        return ""
-    return (
-        f"bytes: {_bytes(status.bytes_sent)} sent, {_bytes(status.bytes_received)} received, "
-        f"{_bytes(status.bytes_shared)} shared instead of sent "
-        f"({_bytes(status.bytes_placed)} placed)"
-    )
-
-
 def build_model(
     status: PoolStatus,
     departed: Iterable[Departed] = (),
@@ -291,17 +277,6 @@ def summary_text(target: int | None) -> str:
     return f"dspool pool status ({target} worker{'s' if target != 1 else ''}, live view)"
 
 
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"  # pragma: no cover
-
-
 def _age(seconds: float | None) -> str:
     # whole seconds: the text only changes when it means something (fewer widget updates)
     return "-" if seconds is None else f"{int(seconds)} s ago"
@@ -316,7 +291,7 @@ def _cells(row: WorkerRow) -> list[str]:
         f"{row.active}/{row.slots}" if live else "-",
         str(row.calls),
         str(row.errors),
-        _bytes(row.rss_bytes),
+        format_bytes(row.rss_bytes),
         _age(row.heartbeat_age),
         row.note or row.program or "",
     ]

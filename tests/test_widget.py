@@ -150,6 +150,10 @@ def test_a_real_pools_shared_bytes_reach_the_view(make_pool: Callable[..., Pool]
     finally:
         view.close()
     assert "2.0 MB shared instead of sent (2.0 MB placed)" in model.transfer
+    from dspool_jupyter import comm
+
+    snapshot = comm._snapshot(pool)  # what the lab panel shows, in the widget's words
+    assert snapshot is not None and snapshot["transfer"] == model.transfer
 
 
 def test_failure_lines_say_it_once() -> None:

@@ -149,6 +149,10 @@ export class PoolPanel extends Widget {
       this._renderSummary(status),
       this._renderProgress(status, connection.clockOffset)
     ];
+    if (status.transfer) {
+      // the widget's words: bytes sent, received, shared instead of sent, placed
+      sections.push(el('section', 'dspool-transfer', status.transfer));
+    }
     const limits = limitLines(status.limits);
     if (limits.length) {
       sections.push(this._renderLimits(limits));

@@ -77,6 +77,8 @@ export interface IPoolStatus {
   preload_seconds?: number | null;
   /** The provider limits, usage and budget; null for a pool without limits. */
   limits?: ILimits | null;
+  /** The status widget's line of byte counters; '' while nothing travelled. */
+  transfer?: string;
 }
 
 /** One model as the permit broker sees it (dspool_jupyter.usage.ModelSnapshot). */
