@@ -23,7 +23,8 @@ $(INSTALLED): pyproject.toml | $(BIN)/python
 # The editable install builds the lab extension only when it is missing: rebuild it when
 # its sources are newer than the build.
 $(LABEXT): $(LAB_SOURCES) | $(INSTALLED)
-	cd labextension && $(abspath $(BIN))/jlpm install && $(abspath $(BIN))/jlpm build:prod
+	cd labextension && PATH="$(abspath $(BIN)):$$PATH" jlpm install && \
+		PATH="$(abspath $(BIN)):$$PATH" jlpm build:prod
 	touch $@
 
 install: $(INSTALLED) $(LABEXT)
