@@ -229,6 +229,25 @@ class _Worker:
             return runtime.error_reply("load", exc)
         return fn
 
+    def prepare(
+        self,
+        program_id: str,
+        name: str,
+        blob: bytes,
+        attached: tuple[tuple[int, int], ...],
+    ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | runtime.Reply:
+        """The program and its arguments, or the reply that says why the call cannot run
+        (the frame's segments are closed either way: a view holds what it needs)."""
+        fn = self.load(program_id, name)
+        if isinstance(fn, runtime.Reply):
+            shm.close_attached(attached)  # [shm hook]
+            return fn
+        try:
+            args, kwargs = runtime.prepare_call(blob, attached)  # [shm hook] closes them
+        except Exception as exc:
+            return runtime.error_reply("args", exc)
+        return fn, args, kwargs
+
     def handle_call(
         self,
         call_id: int,
@@ -238,16 +257,11 @@ class _Worker:
         attached: tuple[tuple[int, int], ...] = (),  # [shm hook] the frame's segments
     ) -> None:
         """Run one call in the main thread (concurrency 1); SIGINT interrupts it."""
-        fn = self.load(program_id, name)
-        if isinstance(fn, runtime.Reply):
-            shm.close_attached(attached)  # [shm hook]
-            self.reply(call_id, fn)
+        prepared = self.prepare(program_id, name, blob, attached)
+        if isinstance(prepared, runtime.Reply):
+            self.reply(call_id, prepared)
             return
-        try:
-            args, kwargs = runtime.prepare_call(blob, attached)  # [shm hook] closes them
-        except Exception as exc:
-            self.reply(call_id, runtime.error_reply("args", exc))
-            return
+        fn, args, kwargs = prepared
         state = runtime.CallState(call_id)
         context = CallContext(call_id, name, self.worker_id)
         self.state = state
@@ -338,16 +352,11 @@ class _Worker:
         attached: tuple[tuple[int, int], ...] = (),  # [shm hook] the frame's segments
     ) -> None:
         try:
-            fn = self.load(program_id, name)
-            if isinstance(fn, runtime.Reply):
-                shm.close_attached(attached)  # [shm hook]
-                self._finish(state, fn)
+            prepared = self.prepare(program_id, name, blob, attached)
+            if isinstance(prepared, runtime.Reply):
+                self._finish(state, prepared)
                 return
-            try:
-                args, kwargs = runtime.prepare_call(blob, attached)  # [shm hook] closes them
-            except Exception as exc:
-                self._finish(state, runtime.error_reply("args", exc))
-                return
+            fn, args, kwargs = prepared
             context = CallContext(state.call_id, name, self.worker_id)
             if _is_async(fn):
                 assert self.loop is not None
